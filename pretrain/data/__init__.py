@@ -1,0 +1,78 @@
+"""The data layer shared by pretraining and every transfer task.
+
+`images` reads any image file as RGB and folders of them; `voc` reads Pascal VOC layouts (labels,
+boxes, masks); `synthetic` generates the built-in VOC-layout dataset every command defaults to.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, Subset
+
+from pretrain.data.images import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DatasetNotFoundError,
+    ImageFolderDataset,
+    UnreadableImageError,
+    list_images,
+    load_rgb,
+    skip_none_collate,
+)
+from pretrain.data.synthetic import builtin_voc_root
+from pretrain.data.voc import VOCDataset, VOCInfo, find_year_dir, read_voc_info
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DatasetNotFoundError", "ImageFolderDataset", "UnreadableImageError",
+           "VOCDataset", "VOCInfo", "builtin_voc_root", "find_year_dir", "list_images", "load_rgb",
+           "open_pretraining_images", "read_voc_info", "resolve_voc_root", "skip_none_collate"]
+
+
+def resolve_voc_root(data: str, cache_dir: str | Path | None = None, builtin_images: int = 2000) -> Path:
+    """`builtin` -> the generated dataset (created on first use); anything else is a VOC root by path."""
+    if data == "builtin":
+        return builtin_voc_root(cache_dir=Path(cache_dir) if cache_dir else None, num_images=builtin_images)
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise DatasetNotFoundError(path, "a Pascal VOC root (VOC<year>/JPEGImages, Annotations, ImageSets) "
+                                         "or 'builtin' for the generated dataset")
+    return path
+
+
+def _is_voc(path: Path) -> bool:
+    try:
+        find_year_dir(path)
+        return True
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+def open_pretraining_images(data: str, cache_dir: str | Path | None = None, builtin_images: int = 2000,
+                            strict: bool = False, max_shape_masks: int = 300,
+                            ) -> tuple[Dataset, Dataset, list[torch.Tensor]]:
+    """(train images, held-out images, segmentation label maps for mask shapes) for pretraining.
+
+    A VOC root uses its train and val split lists (and its SegmentationClass masks, when present, as
+    the source of random-region shapes); a plain image folder holds out every 20th file.
+    """
+    root = resolve_voc_root(data, cache_dir, builtin_images) if data == "builtin" else Path(data).expanduser()
+    if not root.exists():
+        raise DatasetNotFoundError(root, "a VOC root or a folder of JPEG/PNG/WebP images")
+    if data == "builtin" or _is_voc(root):
+        train = VOCDataset(root, split="train", task="images", strict=strict)
+        val = VOCDataset(root, split="val", task="images", strict=strict)
+        label_maps: list[torch.Tensor] = []
+        try:
+            seg = VOCDataset(root, split="train", task="segmentation", strict=strict)
+            for i in range(min(len(seg), max_shape_masks)):
+                item = seg[i]
+                if item is not None:
+                    label_maps.append(torch.as_tensor(item[1]))
+        except (FileNotFoundError, ValueError):
+            pass  # no masks: random regions fall back to thresholded noise
+        return train, val, label_maps
+    images = ImageFolderDataset(root, strict=strict)
+    n = len(images)
+    held_out = list(range(0, n, 20))
+    train_idx = [i for i in range(n) if i % 20]
+    return Subset(images, train_idx), Subset(images, held_out), []

@@ -1,0 +1,1 @@
+"""ctxenc transfer: evaluate a pretrained trunk on classification, detection, segmentation and retrieval."""

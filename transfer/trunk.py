@@ -1,0 +1,138 @@
+"""Every transfer task's starting point: an AlexNet trunk (conv1..pool5) from any `--init`.
+
+- a context-encoder run folder (`runs/<name>/`, newest readable checkpoint) or checkpoint file; an
+  autoencoder is the same thing pretrained with `--mask none`;
+- `random`: Gaussian N(0, 0.01^2) weights, zero biases, as Caffe-era papers initialised;
+- `rescaled`: Krähenbühl et al. 2016 data-dependent init: Gaussian weights rescaled layer by layer so
+  each channel's pre-activation has zero mean and unit variance on a batch of real training images;
+- `torchvision:PATH`: a local torchvision AlexNet state dict (e.g. ImageNet weights the user already
+  has). Nothing is ever downloaded.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pretrain.checkpoint import load_latest_checkpoint, load_state_dict_checked
+from pretrain.models import AlexNetEncoder, build_encoder
+
+CONV_KEYS = ("conv1", "conv2", "conv3", "conv4", "conv5")
+# torchvision.models.alexnet().features indices of its five convolutions
+TORCHVISION_CONV_INDEX = {"conv1": 0, "conv2": 3, "conv3": 6, "conv4": 8, "conv5": 10}
+
+
+def init_label(init: str) -> str:
+    """A short name for tables: the run folder's name for checkpoints, the keyword otherwise."""
+    if init in ("random", "rescaled"):
+        return init
+    if init.startswith("torchvision:"):
+        return "torchvision"
+    path = Path(init)
+    return path.parent.name if path.suffix == ".pth" else path.name
+
+
+def gaussian_init_(trunk: nn.Module, std: float = 0.01) -> None:
+    """Every conv weight ~ N(0, std^2), biases 0 (the 'random Gaussian' row of the paper's Table 2)."""
+    for m in trunk.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, 0.0, std)
+            nn.init.zeros_(m.bias)
+
+
+@torch.no_grad()
+def rescale_init_(trunk: AlexNetEncoder, images: torch.Tensor, eps: float = 1e-8) -> dict[str, tuple[float, float]]:
+    """Krähenbühl et al. (2016) within-layer data-dependent init, applied in depth order.
+
+    For each conv (and each pool-free downsampling conv), its output channel c on `images` has mean
+    m_c and std s_c; setting w_c <- w_c / s_c and b_c <- (b_c - m_c) / s_c makes every pre-activation
+    channel zero-mean and unit-variance on the batch. Layers are done in order because each layer's
+    statistics depend on the rescaled layers before it. Returns {layer: (mean, std)} after rescaling.
+    """
+    convs = [(name, m) for name, m in trunk.named_modules() if isinstance(m, nn.Conv2d)]
+    stats: dict[str, tuple[float, float]] = {}
+    for name, conv in convs:
+        captured: list[torch.Tensor] = []
+        hook = conv.register_forward_hook(lambda _m, _i, out, keep=captured: keep.append(out.detach().clone()))
+        trunk(images)  # (B, 256, 6, 6); the hook keeps this conv's pre-activation
+        hook.remove()
+        out = captured[0]  # (B, C, H, W)
+        mean = out.mean(dim=(0, 2, 3))  # (C,)
+        std = out.std(dim=(0, 2, 3)).clamp_min(eps)  # (C,)
+        conv.weight.div_(std.view(-1, 1, 1, 1))
+        conv.bias.sub_(mean).div_(std)
+        out = (out - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+        stats[name] = (out.mean().item(), out.std().item())
+    return stats
+
+
+def load_context_encoder_trunk(path: str | Path) -> AlexNetEncoder:
+    """The encoder of a pretraining checkpoint (a run folder or a .pth file), weights as saved."""
+    path = Path(path)
+    if path.is_dir():
+        found = load_latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint-*.pth in {path}: pretrain first (python -m pretrain --name "
+                                    f"{path.name}) or pass a checkpoint file")
+        ckpt, path = found
+    elif path.is_file():
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001
+            raise ValueError(f"{path} is not a readable checkpoint ({err}); pass a runs/<name>/ folder or "
+                             f"a checkpoint-*.pth file written by python -m pretrain") from err
+    else:
+        raise FileNotFoundError(f"--init {path}: no such file or folder. Use random, rescaled, "
+                                f"torchvision:PATH, a runs/<name>/ folder or a checkpoint .pth file")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{path} is not a ctxenc pretraining checkpoint (no 'model'/'config' entries)")
+    config = ckpt["config"]
+    if config.get("model", "alexnet") != "alexnet":
+        raise ValueError(f"{path} is a {config.get('model')} checkpoint; transfer needs an AlexNet context "
+                         f"encoder (python -m pretrain --model alexnet)")
+    trunk = build_encoder(config.get("encoder", "alexnet"))
+    if not isinstance(trunk, AlexNetEncoder):
+        raise ValueError(f"{path} has a {config.get('encoder')} trunk; transfer tasks use AlexNet trunks")
+    state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+    load_state_dict_checked(trunk, state, str(path))
+    return trunk
+
+
+def load_torchvision_trunk(path: str | Path) -> AlexNetEncoder:
+    """conv1..conv5 of a local torchvision AlexNet state dict (`torch.save(alexnet().state_dict(), PATH)`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"torchvision:{path}: no such file; save one with "
+                                f"torch.save(torchvision.models.alexnet(weights=...).state_dict(), '{path}')")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    trunk = AlexNetEncoder("torchvision")
+    mapped = {}
+    for key, idx in TORCHVISION_CONV_INDEX.items():
+        for p in ("weight", "bias"):
+            src = f"features.{idx}.{p}"
+            if src not in state:
+                raise ValueError(f"{path} is not a torchvision AlexNet state dict (missing {src})")
+            mapped[f"{key}.{p}"] = state[src]
+    load_state_dict_checked(trunk, mapped, str(path))
+    return trunk
+
+
+def build_trunk(init: str, seed: int = 0, calib_images: torch.Tensor | None = None,
+                arch: str = "caffe") -> AlexNetEncoder:
+    """The AlexNet trunk for `--init`; `calib_images` (B, 3, 227, 227), normalised, are needed for `rescaled`."""
+    torch.manual_seed(seed)
+    if init == "random":
+        trunk = AlexNetEncoder(arch)
+        gaussian_init_(trunk)
+        return trunk
+    if init == "rescaled":
+        if calib_images is None:
+            raise ValueError("--init rescaled needs a batch of training images to calibrate on")
+        trunk = AlexNetEncoder(arch)
+        gaussian_init_(trunk)
+        rescale_init_(trunk, calib_images)
+        return trunk
+    if init.startswith("torchvision:"):
+        return load_torchvision_trunk(init.split(":", 1)[1])
+    return load_context_encoder_trunk(init)
