@@ -38,8 +38,9 @@ def train_step(model: nn.Module, discriminator: nn.Module | None, batch: dict[st
     if adversarial:
         for p in discriminator.parameters():  # the generator step must not accumulate D's gradients
             p.requires_grad_(False)
-        with autocast(device, amp):
-            loss_adv = generator_adversarial_loss(discriminator(disc_view(pred, mask)))
+        plain_d = discriminator.module if hasattr(discriminator, "module") else discriminator  # no DDP sync:
+        with autocast(device, amp):  # this pass produces no gradients for D's parameters
+            loss_adv = generator_adversarial_loss(plain_d(disc_view(pred, mask)))
         for p in discriminator.parameters():
             p.requires_grad_(True)
     loss = lambda_rec * loss_rec + lambda_adv * loss_adv

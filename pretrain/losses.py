@@ -26,9 +26,14 @@ def reconstruction_weights(mask: torch.Tensor, overlap: int = 7, overlap_weight:
 
 
 def masked_l2_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum(w * (pred - target)^2) / (3 * sum(w)): a weighted mean, independent of the hole's size."""
+    """Per image sum(w * (pred - target)^2) / (3 * sum(w)), averaged over the batch.
+
+    A weighted mean, so the loss does not depend on the hole's size; normalised per image (not per
+    batch) so that the mean over DDP ranks of their batch losses is exactly the global batch's loss.
+    """
     sq = (pred.float() - target.float()).pow(2)  # (B, 3, H, W)
-    return (weights * sq).sum() / (weights.sum() * pred.shape[1]).clamp_min(1.0)
+    per_image = (weights * sq).sum((1, 2, 3)) / (weights.sum((1, 2, 3)) * pred.shape[1]).clamp_min(1.0)  # (B,)
+    return per_image.mean()
 
 
 def generator_adversarial_loss(fake_logits: torch.Tensor) -> torch.Tensor:

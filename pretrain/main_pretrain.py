@@ -59,7 +59,7 @@ class PretrainConfig:
     lr_d_ratio: float = field(0.1, "discriminator lr = lr x this (paper: generator 10x the discriminator)")
     beta1: float = field(0.5, "Adam beta1")
     batch_size: int = field(64, "global batch size (split evenly over DDP processes)")
-    steps: int = field(500, "optimiser steps in total (a resumed run continues up to this)")
+    steps: int = field(300, "optimiser steps in total (a resumed run continues up to this)")
     dropout: float = field(0.5, "dropout on the channel-wise FC layer")
     crop_size: int = field(227, "training crop (227 for alexnet; inpaint128 always uses 128)")
     resize: int = field(256, "short side the images are resized to before cropping (aspect kept)")
@@ -172,6 +172,9 @@ def main(cfg: PretrainConfig) -> dict[str, float]:
 
     train_loader, val_loader, n_train, n_val = build_data(cfg, rank, world_size, start_step)
     ddp_model = model
+    if world_size > 1 and device.type == "cuda":  # BatchNorm in D and inpaint128 sees the global batch
+        model, disc = (nn.SyncBatchNorm.convert_sync_batchnorm(m) if m is not None else None for m in (model, disc))
+        ddp_model = model
     if world_size > 1:
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         if disc is not None:

@@ -131,6 +131,8 @@ class UpConvDecoder(nn.Module):
 
     Widths halve from 128: at 96x96 and 192x192 a wide up-conv would cost more than the whole
     encoder (widths from 256 made the decoder 3x the encoder's FLOPs), and only the encoder is kept.
+    GroupNorm rather than BatchNorm: per-sample statistics make a DDP step identical to a
+    single-process step of the same global batch (CPU/gloo has no SyncBatchNorm).
 
     The final resize is bilinear because 227 is not a power-of-two multiple of 6; it is the only
     non-learned step and it happens at full resolution, where it cannot blur the features.
@@ -141,7 +143,7 @@ class UpConvDecoder(nn.Module):
         layers: list[nn.Module] = []
         c = in_channels
         for w in widths:
-            layers += [nn.ConvTranspose2d(c, w, 4, stride=2, padding=1), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            layers += [nn.ConvTranspose2d(c, w, 4, stride=2, padding=1), nn.GroupNorm(8, w), nn.ReLU(inplace=True)]
             c = w
         layers.append(nn.ConvTranspose2d(c, 3, 4, stride=2, padding=1))  # last up-conv: linear output
         self.body = nn.Sequential(*layers)
