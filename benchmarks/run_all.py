@@ -61,13 +61,13 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "segment": {"epochs": 1, "batch_size": 8, "fc_width": 64, "crop_size": 128, "workers": 0},
         "retrieve": {"queries": 8, "gallery": 2, "max_images": 40},
     },
-    "full": {
+    "full": {  # sized for 2 CPU cores: short schedules, so the comparison between starts is what it measures
         "data": {},
-        "pretrain": {"steps": 300},
-        "classify": {"epochs": 4, "fc_width": 1024, "ten_crop": True},
+        "pretrain": {"steps": 300},  # the default `python -m pretrain` budget
+        "classify": {"epochs": 3, "fc_width": 1024, "ten_crop": True},
         "probe": {},
-        "detect": {"epochs": 3},
-        "segment": {"epochs": 4},
+        "detect": {"epochs": 2},
+        "segment": {"epochs": 3},
         "retrieve": {"queries": 200, "gallery": 12},
     },
 }
@@ -172,7 +172,7 @@ def run_cell(path: Path, fn: Callable[[], dict[str, float]], meta: dict[str, Any
 
 def pretrain_variant(run: dict[str, Any], variant: str, seed: int) -> dict[str, float]:
     cfg = PretrainConfig(**{**run["preset"]["pretrain"], **VARIANTS[variant]}, name=f"{variant}-seed{seed}",
-                         output_dir=str(run["out"] / "runs"), data=run["data"], data_cache=run["data_cache"],
+                         output_dir=str(run["work"] / "pretrain"), data=run["data"], data_cache=run["data_cache"],
                          seed=seed, resume=True,
                          **({"builtin_images": run["preset"]["data"]["builtin_images"]}
                             if "builtin_images" in run["preset"]["data"] else {}))
@@ -338,7 +338,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="builtin", help="'builtin' or a VOC-layout root")
     parser.add_argument("--data-cache", default="", help="where the built-in data is generated")
-    parser.add_argument("--out", default="results", help="folder for tables, plots and cells/")
+    parser.add_argument("--out", default="results", help="folder for tables, plots and cells/ (small files)")
+    parser.add_argument("--work", default="", help="folder for checkpoints and task outputs (default runs/benchmark/<out>)")
     parser.add_argument("--quick", action="store_true", help="small preset (< 5 min), for smoke tests")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per (start, task)")
     parser.add_argument("--only", nargs="*", default=[], help="variants=.. tasks=.. seeds=.. starts=.. filters")
@@ -354,7 +355,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     variants = [v for v in VARIANTS if v in only.get("variants", VARIANTS)]
     tasks = [t for t in TASKS if t in only.get("tasks", TASKS)]
     seeds = [int(s) for s in only.get("seeds", range(args.seeds))]
-    run = {"preset": PRESETS[preset_name], "data": args.data, "data_cache": args.data_cache, "out": out}
+    work = Path(args.work) if args.work else Path("runs") / "benchmark" / out.name
+    run = {"preset": PRESETS[preset_name], "data": args.data, "data_cache": args.data_cache, "out": out, "work": work}
     baselines = list(BASELINES) + ([f"torchvision:{args.torchvision}"] if args.torchvision else [])
 
     starts: dict[str, str] = {}  # table name -> --init value
@@ -363,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cell = run_cell(out / "cells" / "pretrain" / f"{variant}.json", lambda v=variant: pretrain_variant(run, v, 0),
                         {"task": "pretrain", "start": variant, "seed": 0}, args.rerun_failed)
         if cell["status"] == "ok":
-            starts[variant] = str(out / "runs" / f"{variant}-seed0")
+            starts[variant] = str(run["work"] / "pretrain" / f"{variant}-seed0")
     for b in baselines:
         starts["torchvision" if b.startswith("torchvision:") else b] = b
     if "starts" in only:
@@ -375,7 +377,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name, init in task_starts.items():
             for seed in seeds if task != "retrieve" else seeds[:1]:  # retrieval is deterministic given the init
                 path = out / "cells" / task / name / f"seed{seed}.json"
-                run_cell(path, lambda t=task, i=init, s=seed, p=path: TASKS[t](run, i, s, p.parent / f"seed{s}"),
+                work = run["work"] / task / name / f"seed{seed}"  # checkpoints, indexes, galleries: not in results/
+                run_cell(path, lambda t=task, i=init, s=seed, w=work: TASKS[t](run, i, s, w),
                          {"task": task, "start": name, "seed": seed}, args.rerun_failed)
 
     # Tables come from every cell on disk, so separate invocations (e.g. --only variants=...) add up.
@@ -408,8 +411,9 @@ def write_summary(out: Path, written: dict[str, Path], cells, failed, wall: floa
         lines += ["", "![probes](probes.png)"]
     lines += ["", "## Environment", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in env.items()]
     lines += [f"| data | {args.data} |", "", "## Cells", "",
-              f"{len(cells)} cells, {len(failed)} failed. Each cell's config, metrics and log are in its folder under "
-              "`cells/` (not committed when large); pretraining runs under `runs/`.", ""]
+              f"{len(cells)} cells, {len(failed)} failed. Each cell's numbers are in `cells/<task>/<start>/seed<k>.json`; "
+              "its full outputs (config.json, metrics.json, per-class CSV, pictures, checkpoints) were written under "
+              "`runs/benchmark/` on the machine that ran it.", ""]
     lines += ["| task | start | seed | status | seconds |", "|---|---|---|---|---|"]
     lines += [f"| {c['task']} | {c['start']} | {c['seed']} | {c['status']}"
               f"{': ' + c['error'][:120] if c.get('status') != 'ok' else ''} | {c.get('seconds', '')} |" for c in cells]

@@ -82,7 +82,8 @@ def build_models(cfg: PretrainConfig) -> tuple[nn.Module, nn.Module | None]:
     if cfg.model == "inpaint128":
         generator, discriminator = build_inpaint128()
     else:
-        generator, discriminator = ContextEncoder(build_encoder(cfg.encoder), cfg.crop_size, cfg.dropout), Discriminator((32, 64, 128, 256))
+        generator = ContextEncoder(build_encoder(cfg.encoder), cfg.crop_size, cfg.dropout)
+        discriminator = Discriminator((32, 64, 128, 256))  # half width: it sees the hole at 128 px
     return generator, (discriminator if cfg.lambda_adv > 0 else None)
 
 

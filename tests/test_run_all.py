@@ -15,6 +15,11 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import run_all  # noqa: E402
 
 
+def _cell_files(out: Path) -> list[Path]:
+    """cells/pretrain/<variant>.json and cells/<task>/<start>/seed<k>.json (not the task outputs beside them)."""
+    return sorted(out.glob("cells/*/*.json")) + sorted(out.glob("cells/*/*/*.json"))
+
+
 def _finite(cell: str) -> bool:
     try:
         return math.isfinite(float(str(cell).split(" ± ")[0]))
@@ -24,17 +29,17 @@ def _finite(cell: str) -> bool:
 
 def test_quick_run_makes_every_table_and_resumes_after_a_kill(tmp_path):
     out, cache = tmp_path / "results", tmp_path / "cache"
-    argv = ["--quick", "--seeds", "1", "--out", str(out), "--data-cache", str(cache),
+    argv = ["--quick", "--seeds", "1", "--out", str(out), "--work", str(tmp_path / "work"), "--data-cache", str(cache),
             "--only", "variants=ce-l2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "run_all.py"), *argv], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None and len(list(out.glob("cells/*/*/*.json"))) < 2:
+    while time.time() < deadline and proc.poll() is None and len(_cell_files(out)) < 2:
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    finished = {p: p.stat().st_mtime_ns for p in out.glob("cells/**/*.json")}
+    finished = {p: p.stat().st_mtime_ns for p in _cell_files(out)}
     assert len(finished) >= 2, "the run was killed before two cells finished"
 
     result = run_all.main(argv)
@@ -58,5 +63,5 @@ def test_quick_run_makes_every_table_and_resumes_after_a_kill(tmp_path):
     assert (out / "probes.png").stat().st_size > 1000
     summary = (out / "summary.md").read_text()
     assert "torch" in summary and "git commit" in summary
-    cells = [json.loads(p.read_text()) for p in out.glob("cells/**/*.json")]
+    cells = [json.loads(p.read_text()) for p in _cell_files(out)]
     assert all(c["status"] == "ok" for c in cells)

@@ -51,6 +51,14 @@ def rescale_init_(trunk: AlexNetEncoder, images: torch.Tensor, eps: float = 1e-8
     statistics depend on the rescaled layers before it. Returns {layer: (mean, std)} after rescaling.
     """
     convs = [(name, m) for name, m in trunk.named_modules() if isinstance(m, nn.Conv2d)]
+    # Depth order is the order the forward pass calls them, not registration order (a pool-free trunk
+    # registers its pool1/pool2 convs after conv5).
+    called: list[nn.Module] = []
+    hooks = [m.register_forward_hook(lambda m, _i, _o: called.append(m)) for _, m in convs]
+    trunk(images)
+    for h in hooks:
+        h.remove()
+    convs.sort(key=lambda item: called.index(item[1]))
     stats: dict[str, tuple[float, float]] = {}
     for name, conv in convs:
         captured: list[torch.Tensor] = []

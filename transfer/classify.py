@@ -1,0 +1,354 @@
+"""Fine-tune a trunk for multi-label image classification: `python -m transfer.classify [--flag value ...]`.
+
+The first column of the paper's Table 2 (VOC2007 classification, Krähenbühl et al.'s protocol): the AlexNet
+trunk (conv1..pool5) from `--init` is kept, fc6/fc7 (ReLU, dropout 0.5) and the classifier are new, and the
+whole net is fine-tuned with a per-class logistic (BCE) loss. Training sees random-resized crops and flips;
+testing averages the sigmoid scores of 10 crops (4 corners + centre, and their mirrors) of each image
+resized to a 256 short side. Reported: per-class AP and mAP with both the VOC2007 11-point and the all-point
+definitions.
+
+Writes `<out>/metrics.json`, `per_class.csv` and `config.json`, and prints a one-line summary.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from pretrain.config import field, parse_config
+from pretrain.data import VOCDataset, resolve_voc_root, skip_none_collate
+from pretrain.dataset import normalize, resize_short_side, sample_generator
+from transfer.experiment import calibration_batch, seed_everything, select_device, write_results
+from transfer.metrics import classification_report
+from transfer.trunk import build_trunk, init_label
+
+
+@dataclass
+class ClassifyConfig:
+    """Every option of a fine-tuning run; written to <out>/config.json."""
+
+    init: str = field("random", "trunk: random, rescaled, torchvision:PATH, a runs/<name>/ folder or a checkpoint .pth")
+    data: str = field("builtin", "'builtin' (generated VOC-layout scenes) or a VOC root (e.g. ../shared/data/camvid-voc)")
+    data_cache: str = field("", "where the built-in data is generated (default: $CTXENC_DATA_CACHE or ~/.cache/ctxenc)")
+    builtin_images: int = field(2000, "size of the built-in dataset")
+    train_split: str = field("train", "split to fine-tune on (real VOC2007: trainval)")
+    test_split: str = field("test", "split to score")
+    epochs: int = field(8, "passes over the training split (8: ~3-5 min on 2 CPU cores for the built-in set)")
+    batch_size: int = field(64, "training batch size")
+    lr: float = field(0.01, "SGD learning rate of the new layers (after warm-up; cosine decay to 0)")
+    trunk_lr_mult: float = field(1.0, "the trunk's lr = lr x this (1: one lr for the whole net, as the random "
+                                      "baselines need; <1 protects pretrained features)")
+    momentum: float = field(0.9, "SGD momentum")
+    weight_decay: float = field(5e-4, "SGD weight decay (Caffe AlexNet: 5e-4)")
+    warmup_epochs: float = field(1.0, "linear lr warm-up from lr/100 over this many epochs")
+    fc_width: int = field(4096, "width of the new fc6 and fc7 (AlexNet: 4096)")
+    dropout: float = field(0.5, "dropout after fc6 and after fc7")
+    input_size: int = field(227, "crop size fed to the trunk (227: pool5 is 256x6x6)")
+    resize: int = field(256, "short side images are resized to before cropping (aspect kept)")
+    crop_scale_min: float = field(0.3, "random-resized crops cover [this, 1] of the resized image's area")
+    ten_crop: bool = field(True, "test on 10 crops (corners + centre, and flips) and average; false: centre crop only")
+    amp: str = field("bf16", "mixed precision: none or bf16 (CPU or CUDA)", choices=("none", "bf16"))
+    channels_last: bool = field(True, "NHWC memory layout (faster convolutions with oneDNN and cuDNN)")
+    workers: int = field(2, "data loader processes")
+    seed: int = field(0, "seed for random/rescaled trunks, the head's weights, data order, crops and dropout")
+    device: str = field("auto", "auto, cpu or cuda")
+    calib_images: int = field(32, "training images that calibrate --init rescaled")
+    strict_images: bool = field(False, "stop at the first unreadable image instead of skipping it")
+    out: str = field("", "output folder (default: runs/transfer/classify/<init label>-seed<seed>)")
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+class Classifier(nn.Module):
+    """trunk (conv1..pool5) -> flatten -> fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout -> classifier.
+
+    The head keeps PyTorch's default initialisation, seeded the same way for every `--init`, so runs with
+    different trunks differ only in the trunk.
+    """
+
+    def __init__(self, trunk: nn.Module, num_classes: int, input_size: int = 227, width: int = 4096,
+                 dropout: float = 0.5) -> None:
+        super().__init__()
+        self.trunk = trunk
+        with torch.no_grad():  # the trunk's output size for this input size (256x6x6 at 227)
+            flat = trunk(torch.zeros(1, 3, input_size, input_size)).flatten(1).shape[1]
+        self.head = nn.Sequential(
+            nn.Linear(flat, width), nn.ReLU(inplace=True), nn.Dropout(dropout),  # fc6
+            nn.Linear(width, width), nn.ReLU(inplace=True), nn.Dropout(dropout),  # fc7
+            nn.Linear(width, num_classes),  # classifier (fc8)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x).flatten(1))  # (B, 3, S, S) -> (B, 256*6*6) -> (B, C) logits
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def random_resized_crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
+                            g: torch.Generator) -> tuple[int, int, int, int]:
+    """(top, left, h, w) like torchvision's RandomResizedCrop.get_params, but drawn from `g`, so a sample's
+    crop depends only on (seed, epoch, index), not on the number of loader workers."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * torch.rand((), generator=g).item())
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * torch.rand((), generator=g).item())
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(height - h + 1, (), generator=g))
+            left = int(torch.randint(width - w + 1, (), generator=g))
+            return top, left, h, w
+    # fallback (no valid draw in 10 tries): the largest centre crop within the ratio range
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        h, w = height, round(height * ratio[1])
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def train_crop(image: Image.Image, g: torch.Generator, size: int = 227, resize: int = 256,
+               scale_min: float = 0.3) -> torch.Tensor:
+    """(3, size, size) normalised: short side to `resize`, a random-resized crop, a random horizontal flip."""
+    image = resize_short_side(image, max(resize, size))
+    top, left, h, w = random_resized_crop_box(image.width, image.height, (scale_min, 1.0), (3 / 4, 4 / 3), g)
+    image = TF.resized_crop(image, top, left, h, w, [size, size], antialias=True)
+    x = TF.to_tensor(image)  # (3, size, size) in [0, 1]
+    if torch.rand((), generator=g).item() < 0.5:
+        x = x.flip(-1)
+    return normalize(x)
+
+
+def ten_crops(image: Image.Image, size: int = 227, resize: int = 256) -> torch.Tensor:
+    """(10, 3, size, size) normalised: the 4 corner and the centre crops of the image resized to a `resize`
+    short side, then their horizontal mirrors (torchvision.transforms.TenCrop's order)."""
+    image = resize_short_side(image, max(resize, size))
+    crops = TF.ten_crop(image, [size, size])  # 10 PIL images
+    return torch.stack([normalize(TF.to_tensor(c)) for c in crops])  # (10, 3, size, size)
+
+
+def centre_crop(image: Image.Image, size: int = 227, resize: int = 256) -> torch.Tensor:
+    """(1, 3, size, size) normalised centre crop of the image resized to a `resize` short side."""
+    image = TF.center_crop(resize_short_side(image, max(resize, size)), [size, size])
+    return normalize(TF.to_tensor(image)).unsqueeze(0)  # (1, 3, size, size)
+
+
+class ClassificationCrops(Dataset):
+    """A VOC classification split as tensors: items `(x, labels (C,), valid (C,), index)` or None.
+
+    Training: `x` is one augmented crop (3, S, S), drawn from a generator seeded by (seed, epoch, index);
+    call `set_epoch` before each epoch (loader workers are not persistent, so they see the new value).
+    Testing: `x` is (10, 3, S, S) ten crops, or (1, 3, S, S) the centre crop.
+    `valid` is False where VOC marks the class "difficult only": those entries are left out of the loss.
+    """
+
+    def __init__(self, voc: VOCDataset, train: bool, size: int = 227, resize: int = 256, scale_min: float = 0.3,
+                 ten_crop: bool = True, seed: int = 0) -> None:
+        self.voc, self.train, self.size, self.resize = voc, train, size, resize
+        self.scale_min, self.ten_crop, self.seed, self.epoch = scale_min, ten_crop, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.voc)
+
+    def __getitem__(self, i: int):
+        item = self.voc[i]
+        if item is None:  # unreadable image (already warned about): skip_none_collate drops it
+            return None
+        image, labels = item  # PIL, (C,) float multi-hot
+        valid = torch.from_numpy(~self.voc.label_difficult[i])  # (C,) bool
+        if self.train:
+            x = train_crop(image, sample_generator(self.seed, self.epoch, i), self.size, self.resize, self.scale_min)
+        elif self.ten_crop:
+            x = ten_crops(image, self.size, self.resize)
+        else:
+            x = centre_crop(image, self.size, self.resize)
+        return x, labels, valid, i
+
+
+def eval_targets(voc: VOCDataset) -> np.ndarray:
+    """(N, C) in {1, 0, -1} for transfer.metrics: positive, negative, ignored ("difficult only")."""
+    targets = voc.labels.astype(np.int64).copy()
+    targets[voc.label_difficult] = -1
+    return targets
+
+
+# -------------------------------------------------------------------------------------------- training
+
+
+def autocast(device: torch.device, amp: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up from 1/100, then cosine decay to 0."""
+    if step < warmup:
+        return 0.01 + 0.99 * step / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def masked_bce(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean per-class logistic loss over the valid (not difficult-only) entries. All (B, C)."""
+    loss = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none")  # (B, C)
+    valid = valid.float()
+    return (loss * valid).sum() / valid.sum().clamp_min(1.0)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: DataLoader, device: torch.device, amp: str = "bf16",
+            channels_last: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(scores (N, C) = sigmoid averaged over each image's crops, dataset indices (N,)); skipped images are absent."""
+    model.eval()
+    scores, indices = [], []
+    for batch, _ in loader:
+        if batch is None:
+            continue
+        x, _, _, index = batch  # x (B, K, 3, S, S), K crops per image
+        b, k = x.shape[:2]
+        x = x.flatten(0, 1).to(device, non_blocking=True)  # (B*K, 3, S, S)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            logits = model(x)
+        scores.append(torch.sigmoid(logits.float()).view(b, k, -1).mean(1).cpu())  # (B, C)
+        indices.append(index)
+    if not scores:
+        raise ValueError("no readable test image: every image of the test split was skipped")
+    return torch.cat(scores).numpy(), torch.cat(indices).numpy()
+
+
+def train_epoch(model: nn.Module, loader: DataLoader, opt: torch.optim.Optimizer, base_lrs: list[float], step: int,
+                total_steps: int, warmup_steps: int, device: torch.device, amp: str, channels_last: bool
+                ) -> tuple[float, int, int, int]:
+    """One pass; returns (mean loss, images seen, skipped images, global step after the epoch)."""
+    model.train()
+    losses, seen, skipped = [], 0, 0
+    for batch, n_skipped in loader:
+        skipped += n_skipped
+        if batch is None:
+            continue
+        x, labels, valid, _ = batch
+        x = x.to(device, non_blocking=True)  # (B, 3, S, S)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        labels, valid = labels.to(device), valid.to(device)  # (B, C)
+        factor = lr_factor(step, total_steps, warmup_steps)
+        for group, base in zip(opt.param_groups, base_lrs):
+            group["lr"] = base * factor
+        with autocast(device, amp):
+            logits = model(x)  # (B, C)
+        loss = masked_bce(logits, labels, valid)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"step {step + 1}: loss is {loss.item()}; lower --lr or use --amp none")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        seen += x.shape[0]
+        step += 1
+    return (float(np.mean(losses)) if losses else float("nan")), seen, skipped, step
+
+
+def default_out(cfg: ClassifyConfig) -> Path:
+    return Path("runs") / "transfer" / "classify" / f"{init_label(cfg.init)}-seed{cfg.seed}"
+
+
+def main(cfg: ClassifyConfig) -> dict[str, Any]:
+    """Fine-tune, test, write the results; returns the metrics (also in <out>/metrics.json)."""
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise ValueError("--epochs and --batch-size must be positive")
+    if not 0 < cfg.crop_scale_min <= 1:
+        raise ValueError(f"--crop-scale-min {cfg.crop_scale_min}: must be in (0, 1]")
+    start = time.time()
+    seed_everything(cfg.seed)
+    device = select_device(cfg.device)
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    root = resolve_voc_root(cfg.data, cfg.data_cache or None, cfg.builtin_images)
+    train_voc = VOCDataset(root, cfg.train_split, "classification", strict=cfg.strict_images)
+    test_voc = VOCDataset(root, cfg.test_split, "classification", strict=cfg.strict_images)
+    classes = list(train_voc.classes)
+
+    calib = calibration_batch(train_voc, cfg.calib_images, cfg.input_size, cfg.seed) if cfg.init == "rescaled" else None
+    trunk = build_trunk(cfg.init, cfg.seed, calib)
+    torch.manual_seed(cfg.seed)  # the head's weights: the same for every --init
+    model = Classifier(trunk, len(classes), cfg.input_size, cfg.fc_width, cfg.dropout).to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    base_lrs = [cfg.lr * cfg.trunk_lr_mult, cfg.lr]
+    opt = torch.optim.SGD([{"params": model.trunk.parameters()}, {"params": model.head.parameters()}], lr=cfg.lr,
+                          momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                          fused=device.type in ("cpu", "cuda"))  # one kernel per step for the 54M parameters
+
+    train_set = ClassificationCrops(train_voc, True, cfg.input_size, cfg.resize, cfg.crop_scale_min, seed=cfg.seed)
+    test_set = ClassificationCrops(test_voc, False, cfg.input_size, cfg.resize, ten_crop=cfg.ten_crop)
+    drop_last = len(train_set) > cfg.batch_size  # no tiny last batch at full lr, unless the split is tiny
+    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
+                              collate_fn=skip_none_collate, drop_last=drop_last,
+                              generator=torch.Generator().manual_seed(cfg.seed))
+    test_loader = DataLoader(test_set, batch_size=max(1, cfg.batch_size // (10 if cfg.ten_crop else 1)),
+                             shuffle=False, num_workers=cfg.workers, collate_fn=skip_none_collate)
+    steps_per_epoch = len(train_loader)
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    print(f"classify init={cfg.init} on {root}: {len(train_set)} {cfg.train_split} / {len(test_set)} {cfg.test_split} "
+          f"images, {len(classes)} classes; {cfg.epochs} epochs x {steps_per_epoch} steps of {cfg.batch_size}, "
+          f"fc {cfg.fc_width}, device {device}, amp {cfg.amp}", flush=True)
+
+    history, step, skipped = [], 0, 0
+    for epoch in range(cfg.epochs):
+        train_set.set_epoch(epoch)
+        t0 = time.perf_counter()
+        loss, seen, n_skipped, step = train_epoch(model, train_loader, opt, base_lrs, step, total_steps, warmup_steps,
+                                                  device, cfg.amp, cfg.channels_last)
+        skipped += n_skipped
+        rate = seen / (time.perf_counter() - t0)
+        history.append({"epoch": epoch + 1, "loss": loss, "images_per_s": round(rate, 1)})
+        print(f"epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f} ({rate:.0f} img/s)", flush=True)
+
+    scores, index = predict(model, test_loader, device, cfg.amp, cfg.channels_last)
+    targets = eval_targets(test_voc)[index]  # (N, C) rows of the images actually scored
+    report = classification_report(scores, targets, classes)
+    minutes = (time.time() - start) / 60
+    metrics = {
+        "mAP_11point": report["mAP_11point"], "mAP_all_point": report["mAP_all_point"],
+        "per_class": {r["class"]: {"ap_11point": r["ap_11point"], "ap_all_point": r["ap_all_point"]}
+                      for r in report["per_class"]},
+        "skipped_classes": report["skipped"], "init": cfg.init, "init_label": init_label(cfg.init), "seed": cfg.seed,
+        "data": str(root), "test_split": cfg.test_split, "num_train_images": len(train_set),
+        "num_test_images": int(len(index)), "skipped_images": skipped + len(test_set) - int(len(index)),
+        "epochs": cfg.epochs, "minutes": minutes, "train_history": history,
+    }
+    write_results(out, metrics, report["per_class"], cfg)
+    if report["skipped"]:
+        print(f"classes without a positive test image (left out of the mAP): {', '.join(report['skipped'])}")
+    print(f"classify init={init_label(cfg.init)} seed={cfg.seed}: mAP 11pt {100 * report['mAP_11point']:.1f} / "
+          f"all-point {100 * report['mAP_all_point']:.1f} on {cfg.test_split} ({len(index)} images) in "
+          f"{minutes:.1f} min -> {out}/")
+    return metrics
+
+
+def cli(argv: list[str] | None = None) -> dict[str, Any]:
+    return main(parse_config(ClassifyConfig, argv, description=__doc__ or ""))
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])
