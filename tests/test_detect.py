@@ -152,3 +152,12 @@ def test_tiny_end_to_end_run_writes_metrics_and_picture(tiny_voc, tmp_path):
     assert (out / "detections.png").stat().st_size > 0
     assert (out / "per_class.csv").read_text().splitlines()[0].startswith("class,ap_11point,ap_all_point")
     assert json.loads((out / "config.json").read_text())["test_split"] == "val"
+
+
+def test_pool5_feature_option_builds_a_working_detector():
+    torch.manual_seed(0)
+    model = build_detector(build_trunk("random", seed=0), 2, tiny_config(feature="pool5", min_size=160, max_size=200))
+    model.eval()
+    with torch.no_grad():
+        (out,) = model([torch.rand(3, 120, 160)])
+    assert out["boxes"].shape[1] == 4
