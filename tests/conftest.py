@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from pretrain.data.synthetic import voc_palette
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # make `import pretrain` / `import transfer` work without installing
     sys.path.insert(0, str(REPO_ROOT))
@@ -39,21 +41,6 @@ def shared_data() -> Path:
     return path
 
 
-def _voc_palette() -> list[int]:
-    """The standard Pascal VOC colour map (bit-interleaved), 256 RGB triples flattened."""
-    palette = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
-
-
 def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill, outline=None) -> None:
     x0, y0, x1, y1 = box
     if shape == "circle":
@@ -77,7 +64,7 @@ def write_tiny_voc(root: Path) -> Path:
         noise = rng.integers(90, 140, size=(height, width, 3), dtype=np.uint8)  # (H, W, 3) grey noise
         image = Image.fromarray(noise, mode="RGB")
         mask = Image.new("P", (width, height), 0)
-        mask.putpalette(_voc_palette())
+        mask.putpalette(voc_palette())
         img_draw, mask_draw = ImageDraw.Draw(image), ImageDraw.Draw(mask)
         xml_objects = []
         for name, x0, y0, x1, y1, difficult in objects:

@@ -160,15 +160,22 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> Any:
-        path = self.files[i]
-        try:
-            img = load_rgb(path, min_size=self.min_size)
-        except UnreadableImageError as exc:
-            if self.strict:
-                raise
-            warnings.warn(f"skipping {path}: {exc.reason}", SkippedImageWarning, stacklevel=2)
+        img = load_rgb_or_skip(self.files[i], self.min_size, self.strict)
+        if img is None:
             return None
         return self.transform(img) if self.transform is not None else img
+
+
+def load_rgb_or_skip(path: str | Path, min_size: int = 16, strict: bool = False) -> Image.Image | None:
+    """`load_rgb`, but an unreadable file gives a warning naming it and None (for `skip_none_collate` to
+    count) unless `strict`, when the error propagates: a long job goes on, a strict one stops at once."""
+    try:
+        return load_rgb(path, min_size=min_size)
+    except UnreadableImageError as exc:
+        if strict:
+            raise
+        warnings.warn(f"skipping {path}: {exc.reason}", SkippedImageWarning, stacklevel=3)
+        return None
 
 
 def skip_none_collate(

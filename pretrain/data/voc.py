@@ -12,7 +12,6 @@ whole W x H image is `(0, 0, W, H)` and width = x2 - x1.
 from __future__ import annotations
 
 import re
-import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,13 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pretrain.data.images import (
-    IMAGE_EXTENSIONS,
-    DatasetNotFoundError,
-    SkippedImageWarning,
-    UnreadableImageError,
-    load_rgb,
-)
+from pretrain.data.images import IMAGE_EXTENSIONS, DatasetNotFoundError, load_rgb_or_skip
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
@@ -441,7 +434,7 @@ class VOCDataset(torch.utils.data.Dataset):
         for candidate in sorted(folder.glob(f"{self.ids[i]}.*")):
             if candidate.suffix.lower() in IMAGE_EXTENSIONS:
                 return candidate
-        return path  # missing: load_rgb reports it
+        return path  # missing: load_rgb_or_skip reports it
 
     def target(self, i: int) -> Any:
         """The target of item i (no image decoding)."""
@@ -464,12 +457,8 @@ class VOCDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> Any:
         path = self.image_path(i)
-        try:
-            image = load_rgb(path, min_size=self.min_size)
-        except UnreadableImageError as exc:
-            if self.strict:
-                raise
-            warnings.warn(f"skipping {path}: {exc.reason}", SkippedImageWarning, stacklevel=2)
+        image = load_rgb_or_skip(path, self.min_size, self.strict)
+        if image is None:
             return None
         target = self.target(i)
         if self.task == "segmentation" and tuple(target.shape) != (image.height, image.width):
