@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -102,7 +103,9 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = [f"# Pretraining step throughput (batch {args.batch}, CPU, {torch.get_num_threads()} threads)", "",
              f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}. "
-             f"Measured matmul peak: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s.", "",
+             f"Measured matmul peak: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s. Load average during the "
+             f"run: {os.getloadavg()[1]:.1f} (on {os.cpu_count()} cores; above ~1 the figures are shared with other "
+             "work, peak and step alike).", "",
              "| model | setting | images/s | GFLOP/image | GFLOP/s | % of matmul peak |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['setting']} | {r['images_per_s']:.1f} | {r['gflop_per_image']:.2f} | "
               f"{r['gflop_per_s']:.0f} | {r['pct_of_matmul_peak']:.0f}% |" for r in rows]
