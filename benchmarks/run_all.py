@@ -263,6 +263,11 @@ def build_tables(cells: list[dict[str, Any]], starts: list[str], out: Path, data
         row = inpainting_row(s, "ce_")
         if row:
             inp_rows[f"context encoder {s}, own fill (centre hole)"] = {**row, "patch precision@k (%)": "–"}
+    for s in starts:  # the same for every start: the mean colour of the same queries' contexts
+        row = inpainting_row(s, "mean_fill_")
+        if row:
+            inp_rows["mean-colour fill (centre hole)"] = {**row, "patch precision@k (%)": "–"}
+            break
     for c in ok:
         if c["task"] == "pretrain":
             m = c["metrics"]
@@ -401,10 +406,18 @@ def write_summary(out: Path, written: dict[str, Path], cells, failed, wall: floa
                   data_label: str, argv_used: str | None = None) -> None:
     env = environment()
     command = "python benchmarks/run_all.py " + " ".join(sys.argv[1:]) if argv_used is None else argv_used
+    log_path = out / "cells" / "invocations.jsonl"  # every invocation that added cells, in order
+    with open(log_path, "a") as log:
+        log.write(json.dumps({"command": command.strip(), "preset": preset, "minutes": round(wall / 60, 1),
+                              "finished": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+    invocations = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    total = sum(c.get("seconds", 0) for c in cells) / 60
     lines = [f"# ctxenc results on {data_label}", "",
-             f"Produced by `{command.strip()}` (preset `{preset}`, {args.seeds} seed(s)); wall time of this invocation "
-             f"{wall / 60:.1f} min (cells finished by an earlier invocation were reused; each cell's own time is in "
-             "the table below).", "",
+             f"Produced by these invocations (each reuses the cells the earlier ones finished); the cells' own "
+             f"compute adds up to {total:.1f} min:", ""]
+    lines += [f"- `{i['command']}` (preset `{i['preset']}`, {i['minutes']} min, finished {i['finished']})"
+              for i in invocations]
+    lines += ["",
              "## Tables", ""]
     lines += [f"- [{name}]({p.name}) ([csv]({p.with_suffix('.csv').name}))" for name, p in written.items()]
     if (out / "probes.png").exists():
