@@ -63,6 +63,8 @@ def test_classifier_head_shapes_and_masked_loss():
     labels = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     valid = torch.tensor([[True, True], [False, False]])  # second row: difficult-only, ignored
     assert masked_bce(logits, labels, valid).item() < 1e-4
+    valid[1] = True  # both entries of row 2 count: 2 * log(2) summed over classes, / 2 images
+    assert abs(masked_bce(logits, labels, valid).item() - math.log(2)) < 1e-4
     assert lr_factor(0, 100, 10) == 0.01 and lr_factor(10, 100, 10) == 1.0 and lr_factor(100, 100, 10) < 1e-9
 
 

@@ -207,10 +207,14 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 def masked_bce(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean per-class logistic loss over the valid (not difficult-only) entries. All (B, C)."""
+    """Per-class logistic losses summed over the valid (not difficult-only) classes, averaged over images.
+
+    All (B, C). Summing over classes, as Caffe's SigmoidCrossEntropyLoss does (normalised by the batch),
+    keeps the gradient per image the size of a softmax loss's, so the usual AlexNet learning rates apply;
+    the mean over B x C entries would divide the effective learning rate by the number of classes.
+    """
     loss = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none")  # (B, C)
-    valid = valid.float()
-    return (loss * valid).sum() / valid.sum().clamp_min(1.0)
+    return (loss * valid.float()).sum() / logits.shape[0]
 
 
 @torch.no_grad()
