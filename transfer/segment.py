@@ -401,9 +401,11 @@ def save_predictions(samples: Sequence[tuple[torch.Tensor, torch.Tensor, torch.T
 # ------------------------------------------------------------------------------------------------ training
 
 def _lr_at(step: int, total: int, cfg: SegmentConfig) -> float:
-    """Linear warm-up, then FCN/DeepLab 'poly' decay to 0."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+    """Linear warm-up (at most a fifth of the run, so short runs reach the full rate), then FCN/DeepLab 'poly'
+    decay to 0."""
+    warmup = min(cfg.warmup_steps, total // 5)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
     return cfg.lr * (1 - step / max(total, 1)) ** 0.9
 
 
