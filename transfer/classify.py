@@ -15,6 +15,11 @@ al.'s data-dependent init (`rescale_head_`), the classifier starts at zero, and 
 Without these the Gaussian start stays at chance and the context encoder diverges on CamVid.
 
 Writes `<out>/metrics.json`, `per_class.csv` and `config.json`, and prints a one-line summary.
+
+`torchrun --nproc_per_node=N -m transfer.classify ...` fine-tunes with DDP: `--batch-size` is the global batch
+(each process takes 1/N of it, from a DistributedSampler) and `--lr` applies to it unchanged. Crops are seeded by
+(seed, epoch, image index), so they do not depend on which process loads an image. Rank 0 alone tests, writes and
+prints; every rank returns its metrics (transfer.experiment explains the split).
 """
 from __future__ import annotations
 
@@ -36,7 +41,20 @@ from torch.utils.data import DataLoader, Dataset
 from pretrain.config import field, parse_config
 from pretrain.data import VOCDataset, resolve_voc_root, skip_none_collate
 from pretrain.dataset import normalize, resize_short_side, sample_generator
-from transfer.experiment import calibration_batch, seed_everything, select_device, write_results
+from pretrain.distributed import all_reduce_mean
+from transfer.experiment import (
+    calibration_batch,
+    every_rank,
+    finish_distributed,
+    global_count,
+    print0,
+    seed_everything,
+    share_from_main,
+    start_distributed,
+    train_sampler,
+    wrap_ddp,
+    write_results,
+)
 from transfer.metrics import classification_report
 from transfer.trunk import build_trunk, init_label
 
@@ -52,8 +70,9 @@ class ClassifyConfig:
     train_split: str = field("train", "split to fine-tune on (real VOC2007: trainval)")
     test_split: str = field("test", "split to score")
     epochs: int = field(8, "passes over the training split (8: ~3-5 min on 2 CPU cores for the built-in set)")
-    batch_size: int = field(64, "training batch size")
-    lr: float = field(0.01, "SGD learning rate of the new layers (after warm-up; cosine decay to 0)")
+    batch_size: int = field(64, "global training batch size (under torchrun split evenly over the processes)")
+    lr: float = field(0.01, "SGD learning rate of the new layers for the global batch, also under torchrun "
+                            "(after warm-up; cosine decay to 0)")
     trunk_lr_mult: float = field(1.0, "the trunk's lr = lr x this (1: one lr for the whole net, as the random "
                                       "baselines need; <1 protects pretrained features)")
     momentum: float = field(0.9, "SGD momentum")
@@ -306,12 +325,13 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, amp: str
 def train_epoch(model: nn.Module, loader: DataLoader, opt: torch.optim.Optimizer, base_lrs: list[float], step: int,
                 total_steps: int, warmup_steps: int, device: torch.device, amp: str, channels_last: bool,
                 clip_grad: float = 0.0) -> tuple[float, int, int, int]:
-    """One pass; returns (mean loss, images seen, skipped images, global step after the epoch)."""
+    """One pass; returns (mean loss, images seen, skipped images, global step after the epoch), all of this
+    process's batches (under torchrun, its share of each global batch)."""
     model.train()
     losses, seen, skipped = [], 0, 0
     for batch, n_skipped in loader:
         skipped += n_skipped
-        if batch is None:
+        if not every_rank(batch is not None, device):  # all images unreadable (on some rank): skip the step
             continue
         x, labels, valid, _ = batch
         x = x.to(device, non_blocking=True)  # (B, 3, S, S)
@@ -349,7 +369,8 @@ def main(cfg: ClassifyConfig) -> dict[str, Any]:
         raise ValueError(f"--crop-scale-min {cfg.crop_scale_min}: must be in (0, 1]")
     start = time.time()
     seed_everything(cfg.seed)
-    device = select_device(cfg.device)
+    run = start_distributed(cfg.device, cfg.batch_size)  # without torchrun: rank 0 of 1 on --device
+    device = run.device
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     root = resolve_voc_root(cfg.data, cfg.data_cache or None, cfg.builtin_images)
     train_voc = VOCDataset(root, cfg.train_split, "classification", strict=cfg.strict_images)
@@ -361,7 +382,7 @@ def main(cfg: ClassifyConfig) -> dict[str, Any]:
     trunk = build_trunk(cfg.init, cfg.seed, calib if cfg.init == "rescaled" else None)
     if cfg.normalize_trunk:
         divisors = normalize_layer_scales_(trunk, calib)
-        print("trunk layers divided by " + ", ".join(f"{k} {v:.3g}" for k, v in divisors.items()), flush=True)
+        print0("trunk layers divided by " + ", ".join(f"{k} {v:.3g}" for k, v in divisors.items()), flush=True)
     torch.manual_seed(cfg.seed)  # the head's weights: the same for every --init
     model = Classifier(trunk, len(classes), cfg.input_size, cfg.fc_width, cfg.dropout)
     if cfg.head_init == "rescaled":
@@ -369,6 +390,9 @@ def main(cfg: ClassifyConfig) -> dict[str, Any]:
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    ddp_model = wrap_ddp(model, run)  # trains; `model` (the same weights) is tested
+    if run.world_size > 1:  # own dropout masks per rank: one seed would repeat them on every rank's share
+        torch.manual_seed(cfg.seed + run.rank)
     base_lrs = [cfg.lr * cfg.trunk_lr_mult, cfg.lr]
     opt = torch.optim.SGD([{"params": model.trunk.parameters()}, {"params": model.head.parameters()}], lr=cfg.lr,
                           momentum=cfg.momentum, weight_decay=cfg.weight_decay,
@@ -377,48 +401,58 @@ def main(cfg: ClassifyConfig) -> dict[str, Any]:
     train_set = ClassificationCrops(train_voc, True, cfg.input_size, cfg.resize, cfg.crop_scale_min, seed=cfg.seed)
     test_set = ClassificationCrops(test_voc, False, cfg.input_size, cfg.resize, ten_crop=cfg.ten_crop)
     drop_last = len(train_set) > cfg.batch_size  # no tiny last batch at full lr, unless the split is tiny
-    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
-                              collate_fn=skip_none_collate, drop_last=drop_last,
-                              generator=torch.Generator().manual_seed(cfg.seed))
+    sampler = train_sampler(train_set, run, cfg.seed, drop_last)  # None without torchrun: the loader shuffles
+    train_loader = DataLoader(train_set, batch_size=cfg.batch_size // run.world_size, shuffle=sampler is None,
+                              sampler=sampler, num_workers=cfg.workers, collate_fn=skip_none_collate,
+                              drop_last=drop_last, generator=torch.Generator().manual_seed(cfg.seed))
     test_loader = DataLoader(test_set, batch_size=max(1, cfg.batch_size // (10 if cfg.ten_crop else 1)),
                              shuffle=False, num_workers=cfg.workers, collate_fn=skip_none_collate)
-    steps_per_epoch = len(train_loader)
+    steps_per_epoch = len(train_loader)  # global steps: under torchrun each rank takes 1/N of every batch
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    print(f"classify init={cfg.init} on {root}: {len(train_set)} {cfg.train_split} / {len(test_set)} {cfg.test_split} "
-          f"images, {len(classes)} classes; {cfg.epochs} epochs x {steps_per_epoch} steps of {cfg.batch_size}, "
-          f"fc {cfg.fc_width}, device {device}, amp {cfg.amp}", flush=True)
+    print0(f"classify init={cfg.init} on {root}: {len(train_set)} {cfg.train_split} / {len(test_set)} "
+           f"{cfg.test_split} images, {len(classes)} classes; {cfg.epochs} epochs x {steps_per_epoch} steps of "
+           f"{cfg.batch_size}, fc {cfg.fc_width}, device {device}, amp {cfg.amp}, {run.world_size} process(es)",
+           flush=True)
 
     history, step, skipped = [], 0, 0
     for epoch in range(cfg.epochs):
         train_set.set_epoch(epoch)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         t0 = time.perf_counter()
-        loss, seen, n_skipped, step = train_epoch(model, train_loader, opt, base_lrs, step, total_steps, warmup_steps,
-                                                  device, cfg.amp, cfg.channels_last, cfg.clip_grad)
+        loss, seen, n_skipped, step = train_epoch(ddp_model, train_loader, opt, base_lrs, step, total_steps,
+                                                  warmup_steps, device, cfg.amp, cfg.channels_last, cfg.clip_grad)
+        # over all ranks (identities without torchrun): the loss averages the ranks' means
+        loss, seen, n_skipped = all_reduce_mean(loss, device), global_count(seen, device), global_count(n_skipped, device)
         skipped += n_skipped
         rate = seen / (time.perf_counter() - t0)
         history.append({"epoch": epoch + 1, "loss": loss, "images_per_s": round(rate, 1)})
-        print(f"epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f} ({rate:.0f} img/s)", flush=True)
+        print0(f"epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f} ({rate:.0f} img/s)", flush=True)
 
-    scores, index = predict(model, test_loader, device, cfg.amp, cfg.channels_last)
-    targets = eval_targets(test_voc)[index]  # (N, C) rows of the images actually scored
-    report = classification_report(scores, targets, classes)
-    minutes = (time.time() - start) / 60
-    metrics = {
-        "mAP_11point": report["mAP_11point"], "mAP_all_point": report["mAP_all_point"],
-        "per_class": {r["class"]: {"ap_11point": r["ap_11point"], "ap_all_point": r["ap_all_point"]}
-                      for r in report["per_class"]},
-        "skipped_classes": report["skipped"], "init": cfg.init, "init_label": init_label(cfg.init), "seed": cfg.seed,
-        "data": str(root), "test_split": cfg.test_split, "num_train_images": len(train_set),
-        "num_test_images": int(len(index)), "skipped_images": skipped + len(test_set) - int(len(index)),
-        "epochs": cfg.epochs, "minutes": minutes, "train_history": history,
-    }
-    write_results(out, metrics, report["per_class"], cfg)
-    if report["skipped"]:
-        print(f"classes without a positive test image (left out of the mAP): {', '.join(report['skipped'])}")
-    print(f"classify init={init_label(cfg.init)} seed={cfg.seed}: mAP 11pt {100 * report['mAP_11point']:.1f} / "
-          f"all-point {100 * report['mAP_all_point']:.1f} on {cfg.test_split} ({len(index)} images) in "
-          f"{minutes:.1f} min -> {out}/")
+    metrics: dict[str, Any] | None = None
+    if run.is_main:  # the whole test split with the unwrapped model, as one process would; the others wait below
+        scores, index = predict(model, test_loader, device, cfg.amp, cfg.channels_last)
+        targets = eval_targets(test_voc)[index]  # (N, C) rows of the images actually scored
+        report = classification_report(scores, targets, classes)
+        minutes = (time.time() - start) / 60
+        metrics = {
+            "mAP_11point": report["mAP_11point"], "mAP_all_point": report["mAP_all_point"],
+            "per_class": {r["class"]: {"ap_11point": r["ap_11point"], "ap_all_point": r["ap_all_point"]}
+                          for r in report["per_class"]},
+            "skipped_classes": report["skipped"], "init": cfg.init, "init_label": init_label(cfg.init), "seed": cfg.seed,
+            "data": str(root), "test_split": cfg.test_split, "num_train_images": len(train_set),
+            "num_test_images": int(len(index)), "skipped_images": skipped + len(test_set) - int(len(index)),
+            "epochs": cfg.epochs, "minutes": minutes, "train_history": history,
+        }
+        write_results(out, metrics, report["per_class"], cfg)
+        if report["skipped"]:
+            print(f"classes without a positive test image (left out of the mAP): {', '.join(report['skipped'])}")
+        print(f"classify init={init_label(cfg.init)} seed={cfg.seed}: mAP 11pt {100 * report['mAP_11point']:.1f} / "
+              f"all-point {100 * report['mAP_all_point']:.1f} on {cfg.test_split} ({len(index)} images) in "
+              f"{minutes:.1f} min -> {out}/")
+    metrics = share_from_main(metrics)  # rank 0's metrics on every rank (identity without torchrun)
+    finish_distributed(run)
     return metrics
 
 

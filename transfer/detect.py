@@ -27,6 +27,12 @@ VOC2007 11-point and all-point, mAP over classes with ground truth (others liste
 
 Writes `<out>/`: config.json, metrics.json, per_class.csv, detections.png (a few test images with the
 true boxes in green and predictions with score > 0.5 in red).
+
+`torchrun --nproc_per_node=N -m transfer.detect ...` trains with DDP: `--batch-size` is the global batch (each
+process takes 1/N of it, from a DistributedSampler) and `--lr` applies to it unchanged. torchvision's losses are
+means over each process's sampled anchors and RoIs, and DDP averages those means, so the gradient is the
+single-process one up to how the samples split over the processes. Rank 0 alone scores the test split, writes and
+prints; every rank returns its metrics (transfer.experiment explains the split).
 """
 from __future__ import annotations
 
@@ -45,6 +51,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -53,7 +60,20 @@ from torchvision.utils import draw_bounding_boxes
 
 from pretrain.config import field, parse_config
 from pretrain.data import IMAGENET_MEAN, IMAGENET_STD, VOCDataset, resolve_voc_root, skip_none_collate
-from transfer.experiment import calibration_batch, seed_everything, select_device, write_results
+from pretrain.distributed import all_reduce_mean
+from transfer.experiment import (
+    calibration_batch,
+    every_rank,
+    finish_distributed,
+    global_count,
+    print0,
+    seed_everything,
+    share_from_main,
+    start_distributed,
+    train_sampler,
+    wrap_ddp,
+    write_results,
+)
 from transfer.metrics import detection_report
 from transfer.trunk import build_trunk, init_label
 
@@ -82,8 +102,8 @@ class DetectConfig:
     box_score_thresh: float = field(0.001, "test-time detections below this score are dropped before NMS (a low "
                                     "threshold can only raise AP; 0.05 left a weak detector with no detections at all)")
     epochs: int = field(2, "passes over the training split (2 x 1400 built-in images: ~13 min on 1 busy CPU core)")
-    batch_size: int = field(8, "images per step")
-    lr: float = field(0.02, "SGD learning rate (after warmup; cosine decay to 0)")
+    batch_size: int = field(8, "images per step in all (under torchrun split evenly over the processes)")
+    lr: float = field(0.02, "SGD learning rate for the global batch, also under torchrun (after warmup; cosine decay to 0)")
     momentum: float = field(0.9, "SGD momentum")
     weight_decay: float = field(1e-4, "SGD weight decay")
     warmup_steps: int = field(50, "linear learning-rate warmup from lr/100")
@@ -246,9 +266,11 @@ def save_detection_grid(path: str | Path, images: Sequence[torch.Tensor], detect
 # ---------------------------------------------------------------------------------------------- training
 
 
-def make_loader(dataset: VOCDataset, batch_size: int, train: bool, workers: int, seed: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train, num_workers=workers,
-                      collate_fn=functools.partial(skip_none_collate, collate=list_collate),
+def make_loader(dataset: VOCDataset, batch_size: int, train: bool, workers: int, seed: int,
+                sampler: DistributedSampler | None = None) -> DataLoader:
+    """`sampler` (torchrun) replaces the loader's own shuffling of a training split."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+                      num_workers=workers, collate_fn=functools.partial(skip_none_collate, collate=list_collate),
                       generator=torch.Generator().manual_seed(seed), persistent_workers=train and workers > 0)
 
 
@@ -262,13 +284,14 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 def train_one_epoch(model: FasterRCNN, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, cfg: DetectConfig,
                     epoch: int) -> dict[str, float]:
-    """One pass; returns the mean of each torchvision loss term (and their sum) over the epoch."""
+    """One pass; returns the mean of each torchvision loss term (and their sum) over the epoch, over this
+    process's batches (under torchrun, its share of each global batch)."""
     model.train()
     sums: dict[str, float] = {}
     steps, skipped, start = 0, 0, time.time()
     for batch, n_skipped in loader:
         skipped += n_skipped
-        if batch is None:
+        if not every_rank(batch is not None, device):  # all images unreadable (on some rank): skip the step
             continue
         images, targets = batch
         images = [im.to(device) for im in images]
@@ -291,8 +314,8 @@ def train_one_epoch(model: FasterRCNN, loader: DataLoader, optimizer: torch.opti
         steps += 1
         if cfg.log_every and steps % cfg.log_every == 0:
             rate = steps * cfg.batch_size / (time.time() - start)
-            print(f"epoch {epoch} step {steps}/{len(loader)} loss {sums['loss'] / steps:.3f} "
-                  f"lr {optimizer.param_groups[0]['lr']:.4f} {rate:.1f} img/s", flush=True)
+            print0(f"epoch {epoch} step {steps}/{len(loader)} loss {sums['loss'] / steps:.3f} "
+                   f"lr {optimizer.param_groups[0]['lr']:.4f} {rate:.1f} img/s", flush=True)
     means = {k: v / max(steps, 1) for k, v in sums.items()}
     means["skipped_images"] = skipped
     return means
@@ -309,7 +332,8 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)  # oversubscribed OpenMP threads spin at every small op's barrier
     seed_everything(cfg.seed)
-    device = select_device(cfg.device)
+    run = start_distributed(cfg.device, cfg.batch_size)  # without torchrun: rank 0 of 1 on --device
+    device = run.device
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     root = resolve_voc_root(cfg.data, cfg.data_cache or None, cfg.builtin_images)
     train_set = VOCDataset(root, split=cfg.train_split, task="detection", transform=DetectionTransform(train=True))
@@ -323,48 +347,65 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
     trunk = build_trunk(cfg.init, seed=cfg.seed, calib_images=calib)
     torch.manual_seed(cfg.seed)  # the heads' init does not depend on which --init built the trunk
     model = build_detector(trunk, len(classes), cfg).to(device)
+    # A pool-free trunk's pool5 is a conv that conv5 features never reach: DDP must then expect unused parameters.
+    unused = cfg.feature == "conv5" and any(p.requires_grad for p in trunk.pool5.parameters())
+    ddp_model = wrap_ddp(model, run, find_unused_parameters=unused)  # trains; `model` (the same weights) is tested
+    if run.world_size > 1:  # own flips per rank: one seed would repeat them on every rank's share
+        torch.manual_seed(cfg.seed + run.rank)
 
-    train_loader = make_loader(train_set, cfg.batch_size, True, cfg.workers, cfg.seed)
+    sampler = train_sampler(train_set, run, cfg.seed, drop_last=False)  # None without torchrun: the loader shuffles
+    # the loader's generator seeds its workers' flips (per rank under torchrun, as above)
+    train_loader = make_loader(train_set, cfg.batch_size // run.world_size, True, cfg.workers, cfg.seed + run.rank,
+                               sampler)
     test_loader = make_loader(test_set, cfg.batch_size, False, cfg.workers, cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    total = cfg.epochs * len(train_loader)
+    total = cfg.epochs * len(train_loader)  # global steps: under torchrun each rank takes 1/N of every batch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.warmup_steps))
 
     history = []
     start = time.time()
     for epoch in range(cfg.epochs):
-        losses = train_one_epoch(model, train_loader, optimizer, scheduler, device, cfg, epoch)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        losses = train_one_epoch(ddp_model, train_loader, optimizer, scheduler, device, cfg, epoch)
+        # over all ranks (identities without torchrun): each loss term averages the ranks' means
+        losses = {k: global_count(v, device) if k == "skipped_images" else all_reduce_mean(v, device)
+                  for k, v in losses.items()}
         history.append(losses)
-        print(f"epoch {epoch}: " + " ".join(f"{k} {v:.3f}" for k, v in losses.items()), flush=True)
+        print0(f"epoch {epoch}: " + " ".join(f"{k} {v:.3f}" for k, v in losses.items()), flush=True)
     train_seconds = time.time() - start
 
-    start = time.time()
-    detections, ground_truth, ids = predict(model, test_loader, device, cfg.amp)
-    eval_seconds = time.time() - start
-    report = score_detections(detections, ground_truth, classes)
+    metrics: dict[str, Any] | None = None
+    if run.is_main:  # the whole test split with the unwrapped model, as one process would; the others wait below
+        start = time.time()
+        detections, ground_truth, ids = predict(model, test_loader, device, cfg.amp)
+        eval_seconds = time.time() - start
+        report = score_detections(detections, ground_truth, classes)
 
-    out.mkdir(parents=True, exist_ok=True)
-    n_vis = min(cfg.vis_images, len(detections))
-    if n_vis:
-        position = {image_id: k for k, image_id in enumerate(test_set.ids)}
-        images = [test_set[position[i]][0] for i in ids[:n_vis]]
-        save_detection_grid(out / "detections.png", images, detections[:n_vis], ground_truth[:n_vis], classes)
+        out.mkdir(parents=True, exist_ok=True)
+        n_vis = min(cfg.vis_images, len(detections))
+        if n_vis:
+            position = {image_id: k for k, image_id in enumerate(test_set.ids)}
+            images = [test_set[position[i]][0] for i in ids[:n_vis]]
+            save_detection_grid(out / "detections.png", images, detections[:n_vis], ground_truth[:n_vis], classes)
 
-    metrics = {
-        "task": "detect", "init": init_label(cfg.init), "seed": cfg.seed, "data": cfg.data,
-        "mAP_11point": report["mAP_11point"], "mAP_all_point": report["mAP_all_point"],
-        "iou_threshold": report["iou_threshold"], "skipped_classes": report["skipped"],
-        "ap_11point": {r["class"]: r["ap_11point"] for r in report["per_class"]},
-        "ap_all_point": {r["class"]: r["ap_all_point"] for r in report["per_class"]},
-        "num_train_images": len(train_set), "num_test_images": len(detections),
-        "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
-        "train_losses": history,
-    }
-    write_results(out, metrics, report["per_class"], config=cfg)
-    print(f"detect {metrics['init']} seed {cfg.seed} on {cfg.data}: mAP@0.5 11-point {100 * metrics['mAP_11point']:.1f}, "
-          f"all-point {100 * metrics['mAP_all_point']:.1f} ({len(classes) - len(report['skipped'])} classes scored, "
-          f"train {train_seconds:.0f} s, test {eval_seconds:.0f} s) -> {out}", flush=True)
+        metrics = {
+            "task": "detect", "init": init_label(cfg.init), "seed": cfg.seed, "data": cfg.data,
+            "mAP_11point": report["mAP_11point"], "mAP_all_point": report["mAP_all_point"],
+            "iou_threshold": report["iou_threshold"], "skipped_classes": report["skipped"],
+            "ap_11point": {r["class"]: r["ap_11point"] for r in report["per_class"]},
+            "ap_all_point": {r["class"]: r["ap_all_point"] for r in report["per_class"]},
+            "num_train_images": len(train_set), "num_test_images": len(detections),
+            "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
+            "train_losses": history,
+        }
+        write_results(out, metrics, report["per_class"], config=cfg)
+        print(f"detect {metrics['init']} seed {cfg.seed} on {cfg.data}: mAP@0.5 11-point {100 * metrics['mAP_11point']:.1f}, "
+              f"all-point {100 * metrics['mAP_all_point']:.1f} ({len(classes) - len(report['skipped'])} classes scored, "
+              f"train {train_seconds:.0f} s, test {eval_seconds:.0f} s) -> {out}", flush=True)
+    metrics = share_from_main(metrics)  # rank 0's metrics on every rank (identity without torchrun)
+    finish_distributed(run)
     return metrics
 
 

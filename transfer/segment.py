@@ -23,6 +23,12 @@ torchvision's `segmentation.fcn.FCNHead` (3x3 conv to in/4 = 64 channels + Batch
 wrapper (one head, one bilinear resize, no skips) are the DeepLab-style head of FCN-ResNet, not the paper's
 fc6/fc7 + skips, so they are not used; torchvision's v2 transforms are (joint image/mask scale, crop with
 255 padding of the mask, flip, exactly as its segmentation reference scripts do).
+
+`torchrun --nproc_per_node=N -m transfer.segment ...` trains with DDP: `--batch-size` is the global batch (each
+process takes 1/N of it, from a DistributedSampler) and `--lr` applies to it unchanged. Each process averages the
+loss over its own labelled pixels and DDP averages those means, which equals the single-process loss when the
+processes' crops hold equally many labelled pixels. Rank 0 alone scores the test split, writes and prints; every
+rank returns its metrics (transfer.experiment explains the split).
 """
 from __future__ import annotations
 
@@ -49,8 +55,21 @@ from pretrain.data import VOCDataset, resolve_voc_root, skip_none_collate
 from pretrain.data.images import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.data.synthetic import voc_palette
 from pretrain.dataset import denormalize
+from pretrain.distributed import all_reduce_mean
 from pretrain.models import FEATURE_KEYS, AlexNetEncoder
-from transfer.experiment import calibration_batch, seed_everything, select_device, write_results
+from transfer.experiment import (
+    calibration_batch,
+    every_rank,
+    finish_distributed,
+    global_count,
+    print0,
+    seed_everything,
+    share_from_main,
+    start_distributed,
+    train_sampler,
+    wrap_ddp,
+    write_results,
+)
 from transfer.metrics import ConfusionMatrix
 from transfer.trunk import build_trunk, init_label
 
@@ -86,8 +105,9 @@ class SegmentConfig:
                                 "bilinear interpolation of a stride-8 to 32 score grid, so sparser samples of them "
                                 "carry nearly the same gradient at a fraction of the cost (s=1 is ~30%% of a step)")
     epochs: int = field(10, "passes over the training split (10 x 1400 built-in images: ~4 min on 2 idle CPU cores)")
-    batch_size: int = field(32, "training batch size (also the evaluation batch size)")
-    lr: float = field(0.01, "SGD learning rate (poly decay to 0, power 0.9)")
+    batch_size: int = field(32, "global training batch size, under torchrun split evenly over the processes (also "
+                                "the evaluation batch size)")
+    lr: float = field(0.01, "SGD learning rate for the global batch, also under torchrun (poly decay to 0, power 0.9)")
     momentum: float = field(0.9, "SGD momentum")
     weight_decay: float = field(5e-4, "SGD weight decay (FCN: 5e-4)")
     warmup_steps: int = field(50, "linear learning-rate warm-up steps")
@@ -415,7 +435,8 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
     seed_everything(cfg.seed)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    device = select_device(cfg.device)
+    run = start_distributed(cfg.device, cfg.batch_size)  # without torchrun: rank 0 of 1 on --device
+    device = run.device
     if cfg.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("--amp bf16: this GPU has no bfloat16 support; use --amp none")
     if cfg.loss_stride < 1:
@@ -440,32 +461,41 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
     model = FCNAlexNet(trunk, num_classes, cfg.skip, cfg.fc_width, cfg.fc6_kernel, cfg.dropout).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    ddp_model = wrap_ddp(model, run)  # trains; `model` (the same weights) is tested
+    if run.world_size > 1:  # own augmentation and dropout per rank: one seed would repeat them on every rank's share
+        torch.manual_seed(cfg.seed + run.rank)
 
-    loader_gen = torch.Generator().manual_seed(cfg.seed)
+    # the loader's generator seeds its workers' augmentation (per rank under torchrun, as above)
+    loader_gen = torch.Generator().manual_seed(cfg.seed + run.rank)
     common = {"num_workers": cfg.workers, "pin_memory": device.type == "cuda",
               "persistent_workers": cfg.workers > 0}
-    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_set) > cfg.batch_size,
-                              collate_fn=skip_none_collate, generator=loader_gen, **common)
+    drop_last = len(train_set) > cfg.batch_size
+    sampler = train_sampler(train_set, run, cfg.seed, drop_last)  # None without torchrun: the loader shuffles
+    train_loader = DataLoader(train_set, batch_size=cfg.batch_size // run.world_size, shuffle=sampler is None,
+                              sampler=sampler, drop_last=drop_last, collate_fn=skip_none_collate, generator=loader_gen,
+                              **common)
     test_loader = DataLoader(test_set, batch_size=cfg.batch_size, shuffle=False, collate_fn=_eval_collate, **common)
 
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, momentum=cfg.momentum)
-    total_steps = cfg.epochs * len(train_loader)
-    print(f"segment: {label} seed {cfg.seed}, {len(train_set)} train / {len(test_set)} {cfg.test_split} images, "
-          f"{num_classes} classes, FCN-{cfg.skip}, {cfg.epochs} epochs x {len(train_loader)} steps on {device}",
-          flush=True)
+    total_steps = cfg.epochs * len(train_loader)  # global steps: under torchrun each rank takes 1/N of every batch
+    print0(f"segment: {label} seed {cfg.seed}, {len(train_set)} train / {len(test_set)} {cfg.test_split} images, "
+           f"{num_classes} classes, FCN-{cfg.skip}, {cfg.epochs} epochs x {len(train_loader)} steps on {device}, "
+           f"{run.world_size} process(es)", flush=True)
 
     step, skipped_train, loss_value = 0, 0, float("nan")
     history = []
     t_train = time.perf_counter()
     for epoch in range(cfg.epochs):
-        model.train()
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        ddp_model.train()
         loss_sum, loss_n = 0.0, 0
         for batch, n_skipped in train_loader:
             skipped_train += n_skipped
-            if batch is None:
+            if not every_rank(batch is not None, device):  # all images unreadable (on some rank): skip the step
                 continue
             images, masks = batch  # (B, 3, c, c), (B, c, c)
             images = images.to(device, non_blocking=True)
@@ -475,53 +505,59 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, total_steps, cfg)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
-                logits = model(images, cfg.loss_stride)  # (B, K, c/s, c/s), float32
+                logits = ddp_model(images, cfg.loss_stride)  # (B, K, c/s, c/s), float32
             masks = subsample_labels(masks, cfg.loss_stride)  # (B, c/s, c/s)
             loss = segmentation_loss(logits, masks)
-            if not torch.isfinite(loss):
-                if (masks == IGNORE_INDEX).all():  # a batch with no labelled pixel: nothing to learn
-                    step += 1
-                    continue
+            finite = bool(torch.isfinite(loss))
+            if not finite and not (masks == IGNORE_INDEX).all():
                 raise FloatingPointError(f"segment: loss is {loss.item()} at step {step}; lower --lr (now {cfg.lr})")
+            if not every_rank(finite, device):  # a batch with no labelled pixel (on some rank): nothing to learn
+                step += 1
+                continue
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
             loss_sum += loss.item()
             loss_n += 1
-        loss_value = loss_sum / max(loss_n, 1)
+        loss_value = all_reduce_mean(loss_sum / max(loss_n, 1), device)  # the ranks' mean (identity without torchrun)
         history.append({"epoch": epoch + 1, "loss": loss_value})
-        print(f"  epoch {epoch + 1}/{cfg.epochs}: loss {loss_value:.4f} ({time.perf_counter() - t_train:.0f} s)",
-              flush=True)
+        print0(f"  epoch {epoch + 1}/{cfg.epochs}: loss {loss_value:.4f} ({time.perf_counter() - t_train:.0f} s)",
+               flush=True)
     train_seconds = time.perf_counter() - t_train
+    skipped_train = global_count(skipped_train, device)
 
-    t_eval = time.perf_counter()
-    cm, samples, skipped_test = evaluate(model, test_loader, num_classes, device, cfg.amp, cfg.channels_last,
-                                         keep=cfg.num_predictions)
-    eval_seconds = time.perf_counter() - t_eval
-    scores, rows = segmentation_report(cm, classes)
-    metrics = {"task": "segmentation", "init": cfg.init, "init_label": label, "seed": cfg.seed, "data": cfg.data,
-               "data_root": str(root), "train_split": cfg.train_split, "test_split": cfg.test_split,
-               "skip": cfg.skip, "classes": list(classes), "num_classes": num_classes, **scores,
-               "num_train_images": len(train_set), "num_test_images": len(test_set),
-               "skipped_images": {"train": skipped_train, "test": skipped_test},
-               "epochs": cfg.epochs, "steps": step, "final_train_loss": loss_value, "loss_history": history,
-               "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
-               "wall_seconds": round(time.perf_counter() - t_start, 1),
-               # CPU seconds of this process (all its threads, not the loader workers): on a shared machine,
-               # wall time depends on the other jobs, this much less
-               "cpu_seconds": round(time.process_time() - cpu_start, 1), "device": str(device),
-               "threads": torch.get_num_threads()}
-    write_results(out, metrics, rows, cfg)
-    if samples:
-        save_predictions(samples, out / "predictions.png")
-    absent = f", absent (not in mean): {', '.join(scores['absent'])}" if scores["absent"] else ""
-    miou = scores["mIoU"]
-    print(f"segment {label} seed {cfg.seed} on {cfg.data} {cfg.test_split}: mIoU {100 * miou:.1f}% "
-          f"pixel acc {100 * scores['pixel_accuracy']:.1f}% ({len(test_set)} images, FCN-{cfg.skip}, "
-          f"{metrics['wall_seconds']:.0f} s){absent} -> {out}", flush=True)
-    if not math.isfinite(miou):
-        print("  warning: mIoU is not finite (no labelled test pixel?)", file=sys.stderr)
+    metrics: dict[str, Any] | None = None
+    if run.is_main:  # the whole test split with the unwrapped model, as one process would; the others wait below
+        t_eval = time.perf_counter()
+        cm, samples, skipped_test = evaluate(model, test_loader, num_classes, device, cfg.amp, cfg.channels_last,
+                                             keep=cfg.num_predictions)
+        eval_seconds = time.perf_counter() - t_eval
+        scores, rows = segmentation_report(cm, classes)
+        metrics = {"task": "segmentation", "init": cfg.init, "init_label": label, "seed": cfg.seed, "data": cfg.data,
+                   "data_root": str(root), "train_split": cfg.train_split, "test_split": cfg.test_split,
+                   "skip": cfg.skip, "classes": list(classes), "num_classes": num_classes, **scores,
+                   "num_train_images": len(train_set), "num_test_images": len(test_set),
+                   "skipped_images": {"train": skipped_train, "test": skipped_test},
+                   "epochs": cfg.epochs, "steps": step, "final_train_loss": loss_value, "loss_history": history,
+                   "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
+                   "wall_seconds": round(time.perf_counter() - t_start, 1),
+                   # CPU seconds of this process (all its threads, not the loader workers): on a shared machine,
+                   # wall time depends on the other jobs, this much less
+                   "cpu_seconds": round(time.process_time() - cpu_start, 1), "device": str(device),
+                   "threads": torch.get_num_threads()}
+        write_results(out, metrics, rows, cfg)
+        if samples:
+            save_predictions(samples, out / "predictions.png")
+        absent = f", absent (not in mean): {', '.join(scores['absent'])}" if scores["absent"] else ""
+        miou = scores["mIoU"]
+        print(f"segment {label} seed {cfg.seed} on {cfg.data} {cfg.test_split}: mIoU {100 * miou:.1f}% "
+              f"pixel acc {100 * scores['pixel_accuracy']:.1f}% ({len(test_set)} images, FCN-{cfg.skip}, "
+              f"{metrics['wall_seconds']:.0f} s){absent} -> {out}", flush=True)
+        if not math.isfinite(miou):
+            print("  warning: mIoU is not finite (no labelled test pixel?)", file=sys.stderr)
+    metrics = share_from_main(metrics)  # rank 0's metrics on every rank (identity without torchrun)
+    finish_distributed(run)
     return metrics
 
 
