@@ -63,7 +63,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "full": {  # sized for 2 CPU cores: short schedules, so the comparison between starts is what it measures
         "data": {},
-        "pretrain": {"steps": 300},  # the default `python -m pretrain` budget
+        "pretrain": {},  # the default `python -m pretrain` budget (380 steps)
         "classify": {"epochs": 3, "fc_width": 1024, "ten_crop": True},
         "probe": {},
         "detect": {"epochs": 2},

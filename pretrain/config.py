@@ -62,8 +62,8 @@ def dataclass_from_args(cls: type[T], args: argparse.Namespace) -> T:
 
 def parse_config(cls: type[T], argv: list[str] | None = None, description: str = "") -> T:
     """Parse `argv` into a `cls` instance; `--help` lists every field."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # Each flag's help already ends with its default (add_dataclass_args), so no ArgumentDefaultsHelpFormatter.
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(parser, cls)
     return dataclass_from_args(cls, parser.parse_args(argv))
 

@@ -36,11 +36,12 @@ def train_step(model: nn.Module, discriminator: nn.Module | None, batch: dict[st
     loss_rec = masked_l2_loss(pred, target, weights)
     loss_adv = torch.zeros((), device=device)
     if adversarial:
+        fake_view = disc_view(pred, mask)  # (B, 3, h, w); reused, detached, for D's own update below
         for p in discriminator.parameters():  # the generator step must not accumulate D's gradients
             p.requires_grad_(False)
         plain_d = discriminator.module if hasattr(discriminator, "module") else discriminator  # no DDP sync:
         with autocast(device, amp):  # this pass produces no gradients for D's parameters
-            loss_adv = generator_adversarial_loss(plain_d(disc_view(pred, mask)))
+            loss_adv = generator_adversarial_loss(plain_d(fake_view))
         for p in discriminator.parameters():
             p.requires_grad_(True)
     loss = lambda_rec * loss_rec + lambda_adv * loss_adv
@@ -54,7 +55,7 @@ def train_step(model: nn.Module, discriminator: nn.Module | None, batch: dict[st
     if adversarial:
         with autocast(device, amp):
             real_logits = discriminator(disc_view(target, mask))
-            fake_logits = discriminator(disc_view(pred.detach(), mask))
+            fake_logits = discriminator(fake_view.detach())
         loss_d = discriminator_loss(real_logits, fake_logits)
         opt_d.zero_grad(set_to_none=True)
         scaler.scale(loss_d).backward()

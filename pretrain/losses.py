@@ -5,6 +5,28 @@ import torch
 import torch.nn.functional as F
 
 
+def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Square dilation of a (B, H, W) bool mask by `radius` px (a (2r+1)^2 structuring element).
+
+    By doubling: a mask already dilated by c, OR-ed with itself shifted by ±s (s <= c+1), is dilated by
+    c+s, so radius 7 takes 3 steps per axis (shifts 1, 2, 4) of cheap bool ops on slices. This replaces
+    two 15-wide max-pools that cost 3-4% of a bf16 training step.
+    """
+    out = mask.clone()
+    for dim in (-2, -1):
+        covered = 0
+        while covered < radius:
+            s = min(covered + 1, radius - covered)
+            n = out.shape[dim]
+            if s >= n:  # the shift moves everything out of the image: nothing more to add along this axis
+                break
+            grown = out.clone()
+            grown.narrow(dim, s, n - s).logical_or_(out.narrow(dim, 0, n - s))  # pull from -s
+            grown.narrow(dim, 0, n - s).logical_or_(out.narrow(dim, s, n - s))  # pull from +s
+            out, covered = grown, covered + s
+    return out
+
+
 def reconstruction_weights(mask: torch.Tensor, overlap: int = 7, overlap_weight: float = 10.0) -> torch.Tensor:
     """Per-pixel L2 weights: 1 in the hole, `overlap_weight` on a band of context `overlap` px wide around it.
 
@@ -15,10 +37,8 @@ def reconstruction_weights(mask: torch.Tensor, overlap: int = 7, overlap_weight:
     """
     hole = mask.unsqueeze(1).float()  # (B, 1, H, W)
     if overlap > 0:
-        k = 2 * overlap + 1  # square dilation as two 1-D max-pools: 2k comparisons per pixel instead of k^2
-        grown = F.max_pool2d(hole, (1, k), stride=1, padding=(0, overlap))  # (B, 1, H, W)
-        grown = F.max_pool2d(grown, (k, 1), stride=1, padding=(overlap, 0))  # (B, 1, H, W) dilated hole
-        weights = hole + overlap_weight * (grown - hole)
+        band = (dilate(mask, overlap) & ~mask).unsqueeze(1).float()  # (B, 1, H, W) context within `overlap` px
+        weights = hole + overlap_weight * band
     else:
         weights = hole
     empty = hole.flatten(1).sum(1) == 0  # (B,)

@@ -57,9 +57,14 @@ class PretrainConfig:
     lambda_adv: float = field(0.001, "weight of the adversarial loss (0: reconstruction only, no discriminator)")
     lr: float = field(1e-3, "Adam learning rate of the generator (the context encoder)")
     lr_d_ratio: float = field(0.1, "discriminator lr = lr x this (paper: generator 10x the discriminator)")
+    lr_schedule: str = field("constant", "constant (the paper's) or cosine (both lrs decay to 0 over --steps; on the "
+                                         "default 2-CPU budget it ended worse: held-out L1 13.3% vs 12.5% at step 330)",
+                             choices=("constant", "cosine"))
     beta1: float = field(0.5, "Adam beta1")
     batch_size: int = field(64, "global batch size (split evenly over DDP processes)")
-    steps: int = field(300, "optimiser steps in total (a resumed run continues up to this)")
+    steps: int = field(380, "optimiser steps in total (a resumed run continues up to this)")
+    stop_at: int = field(0, "end this invocation after this many steps (0: --steps) without changing the lr schedule, "
+                            "so a later --resume continues exactly the same run (e.g. in time-limited job slots)")
     dropout: float = field(0.5, "dropout on the channel-wise FC layer")
     crop_size: int = field(227, "training crop (227 for alexnet; inpaint128 always uses 128)")
     resize: int = field(256, "short side the images are resized to before cropping (aspect kept)")
@@ -83,7 +88,7 @@ def build_models(cfg: PretrainConfig) -> tuple[nn.Module, nn.Module | None]:
         generator, discriminator = build_inpaint128()
     else:
         generator = ContextEncoder(build_encoder(cfg.encoder), cfg.crop_size, cfg.dropout)
-        discriminator = Discriminator((32, 64, 128, 256))  # half width: it sees the hole at 128 px
+        discriminator = Discriminator((32, 64, 128, 256))  # half the paper's widths: a 0.001-weighted loss
     return generator, (discriminator if cfg.lambda_adv > 0 else None)
 
 
@@ -93,6 +98,14 @@ def effective_masking(cfg: PretrainConfig) -> tuple[int, str, float]:
     if cfg.model == "inpaint128":
         return 128, "center", ((64 - 2 * cfg.overlap) / 128) ** 2
     return cfg.crop_size, cfg.mask, cfg.mask_fraction
+
+
+def lr_at(cfg: PretrainConfig, step: int) -> float:
+    """The generator's learning rate for optimiser step `step` (0-based): a pure function of the step, so a
+    resumed run follows the same schedule."""
+    if cfg.lr_schedule == "constant" or cfg.steps <= 0:
+        return cfg.lr
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * step / cfg.steps))
 
 
 def build_data(cfg: PretrainConfig, rank: int, world_size: int, start_step: int):
@@ -124,8 +137,8 @@ def main(cfg: PretrainConfig) -> dict[str, float]:
     if cfg.batch_size <= 0 or cfg.steps < 0:
         raise ValueError("--batch-size must be positive and --steps non-negative")
     rank, world_size, device = init_distributed()
-    if cfg.device != "auto":
-        device = torch.device(cfg.device)
+    if cfg.device != "auto" and torch.device(cfg.device).type != device.type:
+        device = torch.device(cfg.device)  # a type change only: under torchrun each rank keeps its own GPU index
     if cfg.batch_size % world_size:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {world_size} processes")
     if cfg.amp == "fp16" and device.type != "cuda":
@@ -201,7 +214,8 @@ def main(cfg: PretrainConfig) -> dict[str, float]:
     start = time.time()
     window_images, window_start, window_losses = 0, time.perf_counter(), []
     batches = iter(train_loader)
-    progress = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, disable=not main_proc,
+    end_step = min(cfg.stop_at, cfg.steps) if cfg.stop_at > 0 else cfg.steps
+    progress = tqdm(range(start_step, end_step), initial=start_step, total=cfg.steps, disable=not main_proc,
                     dynamic_ncols=True, desc="pretrain")
     last_good = None
     for step in progress:
@@ -212,6 +226,11 @@ def main(cfg: PretrainConfig) -> dict[str, float]:
         if batch is None:
             continue
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        lr = lr_at(cfg, step)
+        for group in opt_g.param_groups:
+            group["lr"] = lr
+        for group in opt_d.param_groups if opt_d is not None else ():
+            group["lr"] = lr * cfg.lr_d_ratio
         if cfg.channels_last:
             batch["input"] = batch["input"].contiguous(memory_format=torch.channels_last)
         try:
@@ -223,7 +242,7 @@ def main(cfg: PretrainConfig) -> dict[str, float]:
         window_images += batch["input"].shape[0] * world_size
         window_losses.append(losses)
         done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
+        if done % cfg.log_every == 0 or done == end_step:
             rate = window_images / (time.perf_counter() - window_start)
             row = {k: all_reduce_mean(float(np.mean([w[k] for w in window_losses])), device) for k in fields[1:5]}
             row.update(step=done, images_per_s=round(rate, 1), skipped_images=skipped)
@@ -231,16 +250,16 @@ def main(cfg: PretrainConfig) -> dict[str, float]:
                 _append_csv(metrics_path, fields, row)
             progress.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{rate:.0f}")
             window_images, window_start, window_losses = 0, time.perf_counter(), []
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+        if done % cfg.ckpt_every == 0 or done == end_step:
             last_good = checkpoint(done) or last_good
     progress.close()
-    if start_step >= cfg.steps and main_proc:
+    if start_step >= end_step and main_proc:
         print(f"nothing to train: the run is already at step {start_step} of {cfg.steps} (raise --steps to go on)")
 
     results: dict[str, float] = {}
     if main_proc:
         results = evaluate(model, val_loader, device, cfg.amp)
-        results.update(step=max(start_step, cfg.steps), train_minutes=(time.time() - start) / 60, skipped_images=skipped)
+        results.update(step=max(start_step, end_step), train_minutes=(time.time() - start) / 60, skipped_images=skipped)
         (run_dir / "eval.json").write_text(json.dumps(results, indent=2))
         sample = next(b for b, _ in val_loader if b is not None)
         sample = {k: v[:8] for k, v in sample.items()}

@@ -173,10 +173,11 @@ class ContextEncoder(nn.Module):
 
     @staticmethod
     def discriminator_input(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Only the hole's content, context zeroed, at 128x128: the discriminator judges the fill, not the
-        scene. Halving the resolution makes its three passes a step cost less than the encoder's."""
+        """Only the hole's content, context zeroed, at 64x64 (the paper's discriminator input size): the
+        discriminator judges the fill, not the scene. At 64 px its three passes per step cost a quarter of
+        what they did at 128 px (they were a fifth of the whole bf16 step), for a loss weighted 0.001."""
         region = image * mask.unsqueeze(1)  # (B, 3, H, W)
-        return F.interpolate(region, size=(128, 128), mode="bilinear", align_corners=False)
+        return F.interpolate(region, size=(64, 64), mode="bilinear", align_corners=False)  # (B, 3, 64, 64)
 
 
 class Discriminator(nn.Module):

@@ -31,3 +31,10 @@ def test_pretrain_config_defaults_are_the_papers():
     cfg = parse_config(PretrainConfig, [])
     assert (cfg.lambda_rec, cfg.lambda_adv, cfg.overlap, cfg.overlap_weight) == (0.999, 0.001, 7, 10.0)
     assert cfg.mask == "random_region" and cfg.mask_fraction == 0.25 and cfg.data == "builtin"
+
+
+def test_help_states_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(Example, ["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps long lines
+    assert text.count("(default: 3)") == 1 and "(default: (1, 2))" in text

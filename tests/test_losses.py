@@ -1,6 +1,8 @@
+import pytest
 import torch
+import torch.nn.functional as F
 
-from pretrain.losses import discriminator_loss, masked_l2_loss, reconstruction_weights
+from pretrain.losses import dilate, discriminator_loss, masked_l2_loss, reconstruction_weights
 
 
 def _square_mask(size=32, lo=10, hi=20):
@@ -45,3 +47,12 @@ def test_discriminator_loss_is_low_when_it_separates():
     good = discriminator_loss(torch.full((4,), 10.0), torch.full((4,), -10.0))
     bad = discriminator_loss(torch.full((4,), -10.0), torch.full((4,), 10.0))
     assert good < 1e-3 < 5 < bad
+
+
+@pytest.mark.parametrize("radius", [0, 1, 3, 4, 7, 12, 40])
+def test_dilate_equals_a_square_max_pool(radius):
+    g = torch.Generator().manual_seed(radius)
+    mask = torch.rand(3, 37, 52, generator=g) > 0.97  # scattered pixels, some at the borders
+    mask[0, 0, 0] = mask[1, -1, -1] = True
+    reference = F.max_pool2d(mask.float().unsqueeze(1), 2 * radius + 1, stride=1, padding=radius).squeeze(1) > 0
+    assert torch.equal(dilate(mask, radius), reference)

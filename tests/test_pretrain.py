@@ -7,7 +7,7 @@ import torch
 
 import pretrain.engine
 from pretrain.checkpoint import list_checkpoints
-from pretrain.main_pretrain import PretrainConfig, main
+from pretrain.main_pretrain import PretrainConfig, lr_at, main
 
 
 def _cfg(tmp_path, data, **kw):
@@ -39,7 +39,7 @@ def test_run_writes_every_output(tmp_path, tiny_voc):
 
 def test_resume_continues_the_same_trajectory(tmp_path, tiny_voc):
     main(_cfg(tmp_path, tiny_voc, name="straight", steps=4))
-    main(_cfg(tmp_path, tiny_voc, name="resumed", steps=2))
+    main(_cfg(tmp_path, tiny_voc, name="resumed", steps=4, stop_at=2))  # same cosine schedule, stopped halfway
     main(_cfg(tmp_path, tiny_voc, name="resumed", steps=4, resume=True))
     straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
     assert [s for s, _, _ in resumed] == [1, 2, 3, 4]  # no duplicated rows after the resume
@@ -88,3 +88,11 @@ def test_inpaint128_family_trains(tmp_path, tiny_voc):
 def test_missing_dataset_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="no-such-folder"):
         main(_cfg(tmp_path, tmp_path / "no-such-folder", name="missing", steps=1))
+
+
+def test_cosine_schedule_decays_from_lr_to_zero_and_constant_stays():
+    cfg = PretrainConfig(lr=1e-3, steps=100, lr_schedule="cosine")
+    lrs = [lr_at(cfg, s) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[50] == pytest.approx(5e-4) and 0 < lrs[-1] < 1e-6
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert lr_at(PretrainConfig(lr=1e-3, steps=100, lr_schedule="constant"), 99) == 1e-3
