@@ -86,6 +86,10 @@ def time_step(cfg: PretrainConfig, batch: int, steps: int) -> dict[str, float]:
     return {"images_per_s": ips, "gflop_per_image": flops / 1e9, "gflop_per_s": ips * flops / 1e9}
 
 
+def _times(speedup: float | None) -> str:
+    return f"{speedup:.2f}x" if speedup else "–"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=64)
@@ -114,9 +118,9 @@ def main() -> None:
         fp32_rate = next((x["images_per_s"] for x in rows if x["model"] == name and x["setting"] == "fp32"), None)
         r.update(model=name, setting=label, pct_of_matmul_peak=100 * r["gflop_per_s"] / (peak16 if bf16 else peak32),
                  pct_of_conv_peak=100 * r["gflop_per_s"] / (conv16 if bf16 else conv32),
-                 speedup_vs_fp32=r["images_per_s"] / fp32_rate if fp32_rate else 1.0)
+                 speedup_vs_fp32=r["images_per_s"] / fp32_rate if fp32_rate else None)  # None: no fp32 row to compare
         rows.append(r)
-        print(f"{name:20s} {label:20s} {r['images_per_s']:7.1f} img/s  x{r['speedup_vs_fp32']:.2f}  "
+        print(f"{name:20s} {label:20s} {r['images_per_s']:7.1f} img/s  {_times(r['speedup_vs_fp32']):>6s}  "
               f"{r['gflop_per_image']:.2f} GFLOP/img  {r['gflop_per_s']:6.0f} GFLOP/s  "
               f"({r['pct_of_matmul_peak']:.0f}% of matmul peak, {r['pct_of_conv_peak']:.0f}% of conv peak)")
 
@@ -130,7 +134,7 @@ def main() -> None:
              "work, peak and step alike).", "",
              "| model | setting | images/s | vs fp32 | GFLOP/image | GFLOP/s | % of matmul peak | % of conv peak |",
              "|---|---|--:|--:|--:|--:|--:|--:|"]
-    lines += [f"| {r['model']} | {r['setting']} | {r['images_per_s']:.1f} | {r['speedup_vs_fp32']:.2f}x | "
+    lines += [f"| {r['model']} | {r['setting']} | {r['images_per_s']:.1f} | {_times(r['speedup_vs_fp32'])} | "
               f"{r['gflop_per_image']:.2f} | {r['gflop_per_s']:.0f} | {r['pct_of_matmul_peak']:.0f}% | "
               f"{r['pct_of_conv_peak']:.0f}% |" for r in rows]
     out.write_text("\n".join(lines) + "\n")
