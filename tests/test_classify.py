@@ -19,13 +19,12 @@ from transfer.classify import (
     lr_factor,
     main,
     masked_bce,
-    normalize_layer_scales_,
     random_resized_crop_box,
     rescale_head_,
     ten_crops,
     train_crop,
 )
-from transfer.trunk import build_trunk
+from transfer.trunk import build_trunk, normalize_layer_scales_
 
 
 def _gradient_image(w: int = 301, h: int = 256) -> Image.Image:

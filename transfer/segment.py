@@ -71,7 +71,7 @@ from transfer.experiment import (
     write_results,
 )
 from transfer.metrics import ConfusionMatrix
-from transfer.trunk import build_trunk, init_label
+from transfer.trunk import build_trunk, init_label, normalize_layer_scales_
 
 IGNORE_INDEX = 255
 # Trunk features scored by each variant, coarse to fine (AlexNet: pool2 has stride 16, pool1 stride 8).
@@ -118,7 +118,10 @@ class SegmentConfig:
                             "several jobs share the cores")
     seed: int = field(0, "seed for the head's weights, random/rescaled trunks, data order and augmentation")
     device: str = field("auto", "auto, cpu or cuda")
-    calib_images: int = field(32, "training images that calibrate --init rescaled")
+    calib_images: int = field(32, "training images that calibrate --init rescaled and --normalize-trunk")
+    normalize_trunk: bool = field(True, "divide each trunk conv by a scalar giving unit-RMS pre-activations on the "
+                                        "calibration images before fine-tuning (features unchanged up to scale): one "
+                                        "lr then suits every start (pretrained trunks diverged on CamVid without it)")
     out: str = field("", "output folder (default: runs/transfer/segment/<init label>-seed<seed>)")
     num_predictions: int = field(4, "test images drawn in predictions.png")
     strict_images: bool = field(False, "stop at the first unreadable image instead of skipping it")
@@ -453,10 +456,13 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
     num_classes = len(classes)
 
     calib = None
-    if cfg.init == "rescaled":
+    if cfg.init == "rescaled" or cfg.normalize_trunk:
         raw = VOCDataset(root, split=cfg.train_split, task="segmentation", strict=cfg.strict_images)
         calib = calibration_batch(raw, n=cfg.calib_images, seed=cfg.seed)
     trunk = build_trunk(cfg.init, seed=cfg.seed, calib_images=calib)
+    if cfg.normalize_trunk:
+        divisors = normalize_layer_scales_(trunk, calib)
+        print0("trunk layers divided by " + ", ".join(f"{k} {v:.3g}" for k, v in divisors.items()))
     torch.manual_seed(cfg.seed)  # the head's weights do not depend on how the trunk was made
     model = FCNAlexNet(trunk, num_classes, cfg.skip, cfg.fc_width, cfg.fc6_kernel, cfg.dropout).to(device)
     if cfg.channels_last:

@@ -126,6 +126,35 @@ def load_torchvision_trunk(path: str | Path) -> AlexNetEncoder:
     return trunk
 
 
+@torch.no_grad()
+def normalize_layer_scales_(trunk: nn.Module, images: torch.Tensor, eps: float = 1e-12) -> dict[str, float]:
+    """Divide each conv's weight and bias by one positive scalar so its pre-activation has unit RMS on `images`.
+
+    ReLU and max-pooling are positively homogeneous, so every feature map keeps its exact pattern and only
+    its overall scale changes: what the trunk computes is preserved, while SGD sees layers of comparable
+    scale (Krähenbühl et al. 2016 rescale pretrained nets between layers for the same reason). Convs are
+    done in forward order, each measured after the ones before it. Returns {conv name: the divisor}.
+    """
+    convs = {m: name for name, m in trunk.named_modules() if isinstance(m, nn.Conv2d)}
+    order: list[nn.Module] = []
+    hooks = [m.register_forward_hook(lambda m, _i, _o: order.append(m)) for m in convs]
+    trunk(images)
+    for h in hooks:
+        h.remove()
+    divisors: dict[str, float] = {}
+    for conv in dict.fromkeys(order):  # forward order, each conv once
+        captured: list[torch.Tensor] = []
+        # measured inside the hook: the trunk applies its ReLU in place right after
+        hook = conv.register_forward_hook(lambda _m, _i, out, keep=captured: keep.append(out.float().pow(2).mean().sqrt()))
+        trunk(images)  # the hook keeps the RMS of this conv's (B, C, H, W) pre-activation
+        hook.remove()
+        rms = captured[0].clamp_min(eps)
+        conv.weight.div_(rms)
+        conv.bias.div_(rms)
+        divisors[convs[conv]] = rms.item()
+    return divisors
+
+
 def build_trunk(init: str, seed: int = 0, calib_images: torch.Tensor | None = None,
                 arch: str = "caffe") -> AlexNetEncoder:
     """The AlexNet trunk for `--init`; `calib_images` (B, 3, 227, 227), normalised, are needed for `rescaled`."""
