@@ -268,13 +268,16 @@ def build_tables(cells: list[dict[str, Any]], starts: list[str], out: Path, data
         if row:
             inp_rows["mean-colour fill (centre hole)"] = {**row, "patch precision@k (%)": "–"}
             break
+    holes = {"random_region": "random-region holes", "random_block": "random blocks", "center": "centre hole",
+             "none": "whole image"}  # what each variant's held-out pretraining evaluation scores
     for c in ok:
         if c["task"] == "pretrain":
             m = c["metrics"]
-            inp_rows[f"context encoder {c['start']}, own fill (random-region holes, held out)"] = {
+            hole = holes.get(VARIANTS.get(c["start"], {}).get("mask", "random_region"), "holes")
+            inp_rows[f"context encoder {c['start']}, own fill ({hole}, held out)"] = {
                 "mean L1 (%)": _mean_std([m["l1"]]), "mean L2 (%)": _mean_std([m["l2"]]),
                 "PSNR (dB)": _mean_std([m["psnr"]], 1.0), "patch precision@k (%)": "–"}
-            inp_rows.setdefault("mean-colour fill (random-region holes)", {
+            inp_rows.setdefault(f"mean-colour fill ({hole}, held out)", {
                 "mean L1 (%)": _mean_std([m["mean_fill_l1"]]), "mean L2 (%)": _mean_std([m["mean_fill_l2"]]),
                 "PSNR (dB)": _mean_std([m["mean_fill_psnr"]], 1.0), "patch precision@k (%)": "–"})
     for name, l1, l2, psnr in PAPER_TABLE1:
