@@ -125,3 +125,19 @@ def test_bad_inits_fail_naming_the_file(tmp_path, tiny_pretrain_run):
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), resnet)
     with pytest.raises(ValueError, match="resnet.pth"):
         build_trunk(f"torchvision:{resnet}")
+
+
+def test_build_trunk_normalize_gives_unit_rms_convs_and_needs_images():
+    torch.manual_seed(0)
+    images = torch.randn(4, 3, 227, 227)
+    trunk = build_trunk("random", seed=0, calib_images=images, normalize=True)
+    rms = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: rms.append(out.pow(2).mean().sqrt().item()))
+             for m in trunk.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        trunk(images)
+    for h in hooks:
+        h.remove()
+    assert len(rms) == 5 and all(abs(r - 1) < 1e-3 for r in rms), rms
+    with pytest.raises(ValueError, match="needs a batch"):
+        build_trunk("random", normalize=True)

@@ -56,7 +56,7 @@ from transfer.experiment import (
     write_results,
 )
 from transfer.metrics import classification_report
-from transfer.trunk import build_trunk, init_label, normalize_layer_scales_
+from transfer.trunk import build_trunk, init_label
 
 
 @dataclass
@@ -350,10 +350,7 @@ def main(cfg: ClassifyConfig) -> dict[str, Any]:
 
     needs_calib = cfg.init == "rescaled" or cfg.normalize_trunk or cfg.head_init == "rescaled"
     calib = calibration_batch(train_voc, cfg.calib_images, cfg.input_size, cfg.seed) if needs_calib else None
-    trunk = build_trunk(cfg.init, cfg.seed, calib if cfg.init == "rescaled" else None)
-    if cfg.normalize_trunk:
-        divisors = normalize_layer_scales_(trunk, calib)
-        print0("trunk layers divided by " + ", ".join(f"{k} {v:.3g}" for k, v in divisors.items()), flush=True)
+    trunk = build_trunk(cfg.init, cfg.seed, calib, normalize=cfg.normalize_trunk)
     torch.manual_seed(cfg.seed)  # the head's weights: the same for every --init
     model = Classifier(trunk, len(classes), cfg.input_size, cfg.fc_width, cfg.dropout)
     if cfg.head_init == "rescaled":

@@ -75,7 +75,7 @@ from transfer.experiment import (
     write_results,
 )
 from transfer.metrics import detection_report
-from transfer.trunk import build_trunk, init_label, normalize_layer_scales_
+from transfer.trunk import build_trunk, init_label
 
 ROI_SIZE = 6  # RoIAlign output, pool5's 6x6: fc6 sees the same 256*6*6 inputs as AlexNet's
 
@@ -347,9 +347,7 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
     if cfg.init == "rescaled" or cfg.normalize_trunk:
         raw = VOCDataset(root, split=cfg.train_split, task="detection")
         calib = calibration_batch(raw, n=cfg.calib_images, seed=cfg.seed)
-    trunk = build_trunk(cfg.init, seed=cfg.seed, calib_images=calib)
-    if cfg.normalize_trunk:
-        normalize_layer_scales_(trunk, calib)
+    trunk = build_trunk(cfg.init, seed=cfg.seed, calib_images=calib, normalize=cfg.normalize_trunk)
     torch.manual_seed(cfg.seed)  # the heads' init does not depend on which --init built the trunk
     model = build_detector(trunk, len(classes), cfg).to(device)
     # A pool-free trunk's pool5 is a conv that conv5 features never reach: DDP must then expect unused parameters.

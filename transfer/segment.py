@@ -71,7 +71,7 @@ from transfer.experiment import (
     write_results,
 )
 from transfer.metrics import ConfusionMatrix
-from transfer.trunk import build_trunk, init_label, normalize_layer_scales_
+from transfer.trunk import build_trunk, init_label
 
 IGNORE_INDEX = 255
 # Trunk features scored by each variant, coarse to fine (AlexNet: pool2 has stride 16, pool1 stride 8).
@@ -459,10 +459,7 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
     if cfg.init == "rescaled" or cfg.normalize_trunk:
         raw = VOCDataset(root, split=cfg.train_split, task="segmentation", strict=cfg.strict_images)
         calib = calibration_batch(raw, n=cfg.calib_images, seed=cfg.seed)
-    trunk = build_trunk(cfg.init, seed=cfg.seed, calib_images=calib)
-    if cfg.normalize_trunk:
-        divisors = normalize_layer_scales_(trunk, calib)
-        print0("trunk layers divided by " + ", ".join(f"{k} {v:.3g}" for k, v in divisors.items()))
+    trunk = build_trunk(cfg.init, seed=cfg.seed, calib_images=calib, normalize=cfg.normalize_trunk)
     torch.manual_seed(cfg.seed)  # the head's weights do not depend on how the trunk was made
     model = FCNAlexNet(trunk, num_classes, cfg.skip, cfg.fc_width, cfg.fc6_kernel, cfg.dropout).to(device)
     if cfg.channels_last:

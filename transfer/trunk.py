@@ -17,6 +17,7 @@ from torch import nn
 
 from pretrain.checkpoint import load_latest_checkpoint, load_state_dict_checked
 from pretrain.models import AlexNetEncoder, build_encoder
+from transfer.experiment import print0
 
 CONV_KEYS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 # torchvision.models.alexnet().features indices of its five convolutions
@@ -156,20 +157,24 @@ def normalize_layer_scales_(trunk: nn.Module, images: torch.Tensor, eps: float =
 
 
 def build_trunk(init: str, seed: int = 0, calib_images: torch.Tensor | None = None,
-                arch: str = "caffe") -> AlexNetEncoder:
-    """The AlexNet trunk for `--init`; `calib_images` (B, 3, 227, 227), normalised, are needed for `rescaled`."""
+                arch: str = "caffe", normalize: bool = False) -> AlexNetEncoder:
+    """The AlexNet trunk for `--init`; `calib_images` (B, 3, 227, 227), normalised, are needed for `rescaled`
+    and for `normalize` (each conv then divided to unit-RMS pre-activations: `normalize_layer_scales_`)."""
     torch.manual_seed(seed)
-    if init == "random":
+    if init in ("random", "rescaled"):
         trunk = AlexNetEncoder(arch)
         gaussian_init_(trunk)
-        return trunk
-    if init == "rescaled":
+        if init == "rescaled":
+            if calib_images is None:
+                raise ValueError("--init rescaled needs a batch of training images to calibrate on")
+            rescale_init_(trunk, calib_images)
+    elif init.startswith("torchvision:"):
+        trunk = load_torchvision_trunk(init.split(":", 1)[1])
+    else:
+        trunk = load_context_encoder_trunk(init)
+    if normalize:
         if calib_images is None:
-            raise ValueError("--init rescaled needs a batch of training images to calibrate on")
-        trunk = AlexNetEncoder(arch)
-        gaussian_init_(trunk)
-        rescale_init_(trunk, calib_images)
-        return trunk
-    if init.startswith("torchvision:"):
-        return load_torchvision_trunk(init.split(":", 1)[1])
-    return load_context_encoder_trunk(init)
+            raise ValueError("normalizing the trunk's layer scales needs a batch of training images")
+        divisors = normalize_layer_scales_(trunk, calib_images)
+        print0("trunk layers divided by " + ", ".join(f"{k} {v:.3g}" for k, v in divisors.items()), flush=True)
+    return trunk
