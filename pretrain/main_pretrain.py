@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from pretrain.allocator import retain_freed_memory
 from pretrain.checkpoint import (
     capture_rng_state,
     load_latest_checkpoint,
@@ -137,6 +138,7 @@ def build_data(cfg: PretrainConfig, rank: int, world_size: int, start_step: int)
 def main(cfg: PretrainConfig) -> dict[str, float]:
     if cfg.batch_size <= 0 or cfg.steps < 0:
         raise ValueError("--batch-size must be positive and --steps non-negative")
+    retain_freed_memory()  # each step reuses the last step's freed tensors instead of page-faulting new ones
     rank, world_size, device = init_distributed()
     if cfg.device != "auto" and torch.device(cfg.device).type != device.type:
         device = torch.device(cfg.device)  # a type change only: under torchrun each rank keeps its own GPU index
