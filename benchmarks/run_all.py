@@ -49,7 +49,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 BASELINES = ("random", "rescaled")
 
-# Per-preset budgets: overrides of each command's config. "full" is sized for about an hour on 2 cores.
+# Per-preset budgets: overrides of each command's config. On 2 CPU cores one "full" cell takes 1-10 min
+# (pretraining ~8, detection ~5, the others ~1); results/summary.md gives the measured minutes per task.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "quick": {
         "data": {"builtin_images": 60},
@@ -405,6 +406,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return {"cells": cells, "failed": failed, "wall_seconds": wall}
 
 
+def compute_by_task(cells: list[dict[str, Any]], seeds: int) -> list[str]:
+    """Measured minutes per task, and what a run of every cell from scratch costs at those rates."""
+    lines = ["## Compute", "", "| task | cells timed | minutes | minutes per cell | cells in a full run | "
+             "full run, minutes (estimate) |", "|---|--:|--:|--:|--:|--:|"]
+    n_starts = len(VARIANTS) + len(BASELINES)
+    full_cells = {"pretrain": len(VARIANTS), "retrieve": n_starts + 1}  # retrieval: one seed, plus HOG
+    total_estimate = 0.0
+    for task in ["pretrain", *TASKS]:
+        secs = [c["seconds"] for c in cells if c["task"] == task and c.get("status") == "ok" and "seconds" in c
+                and not (task == "pretrain" and c["seconds"] < 120)]  # a reused pretraining only re-evaluates
+        if not secs:
+            continue
+        per_cell = float(np.median(secs)) / 60
+        n_full = full_cells.get(task, n_starts * seeds)
+        total_estimate += per_cell * n_full
+        lines.append(f"| {task} | {len(secs)} | {sum(secs) / 60:.1f} | {per_cell:.1f} | {n_full} | {per_cell * n_full:.0f} |")
+    lines += ["", f"A run of every cell from scratch ({len(VARIANTS)} variants, {len(BASELINES)} baselines, {seeds} "
+              f"seeds) would take about **{total_estimate:.0f} min** on this machine at the median rates above."]
+    return lines
+
+
 def write_summary(out: Path, written: dict[str, Path], cells, failed, wall: float, args, preset: str,
                   data_label: str, argv_used: str | None = None) -> None:
     env = environment()
@@ -420,8 +442,7 @@ def write_summary(out: Path, written: dict[str, Path], cells, failed, wall: floa
              f"compute adds up to {total:.1f} min:", ""]
     lines += [f"- `{i['command']}` (preset `{i['preset']}`, {i['minutes']} min, finished {i['finished']})"
               for i in invocations]
-    lines += ["",
-             "## Tables", ""]
+    lines += ["", *compute_by_task(cells, args.seeds), "", "## Tables", ""]
     lines += [f"- [{name}]({p.name}) ([csv]({p.with_suffix('.csv').name}))" for name, p in written.items()]
     if (out / "probes.png").exists():
         lines += ["", "![probes](probes.png)"]
