@@ -64,7 +64,7 @@ def test_quick_run_makes_every_table_and_resumes_after_a_kill(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "torch" in summary and "git commit" in summary
     compute = [line for line in summary.splitlines() if line.startswith("| classify |")]
-    assert compute and float(compute[0].split("|")[3]) > 0  # measured minutes of the classify cells
+    assert compute and int(compute[0].split("|")[2]) == 3  # the compute table counts the 3 classify cells
     assert "from scratch" in summary
     cells = [json.loads(p.read_text()) for p in _cell_files(out)]
     assert all(c["status"] == "ok" for c in cells)
