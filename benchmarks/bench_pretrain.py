@@ -177,7 +177,8 @@ def main() -> None:
              f"run: {os.getloadavg()[1]:.1f} (on {os.cpu_count()} cores; above ~1 the figures are shared with other "
              "work, peak and step alike).", "",
              "The straightforward port is the inpainting family as a direct port of the official code runs it "
-             "(bottleneck as a 4x4 conv and up-conv, PyTorch's default for-loop Adam, fp32).", "",
+             "(bottleneck as a 4x4 conv and up-conv, PyTorch's default for-loop Adam, fp32); it runs in this process, "
+             "so it too gets the malloc setting above, which makes its 'vs port' multiples conservative.", "",
              "| model | setting | images/s | vs fp32 | vs port | GFLOP/image | GFLOP/s | % of matmul peak | "
              "% of conv peak |",
              "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
