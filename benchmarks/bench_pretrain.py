@@ -173,9 +173,9 @@ def main() -> None:
              f"Machine: {cpu_name()}, torch {torch.__version__}, "
              f"malloc keeps freed memory: {'yes' if retained else 'no (CTXENC_SYSTEM_MALLOC=1)'}. "
              f"Measured peaks: matmul fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f}; a large 3x3 convolution "
-             f"(channels_last) fp32 {conv32:.0f}, bf16 {conv16:.0f}. Load average during the "
-             f"run: {os.getloadavg()[1]:.1f} (on {os.cpu_count()} cores; above ~1 the figures are shared with other "
-             "work, peak and step alike).", "",
+             f"(channels_last) fp32 {conv32:.0f}, bf16 {conv16:.0f}. Load average over the last 5 minutes: "
+             f"{os.getloadavg()[1]:.1f} on {os.cpu_count()} cores, of which the benchmark's own "
+             f"{torch.get_num_threads()} threads are ~{torch.get_num_threads()}; more means other work shared the CPU.", "",
              "The straightforward port is the inpainting family as a direct port of the official code runs it "
              "(bottleneck as a 4x4 conv and up-conv, PyTorch's default for-loop Adam, fp32); it runs in this process, "
              "so it too gets the malloc setting above, which makes its 'vs port' multiples conservative.", "",
