@@ -5,8 +5,9 @@ gives it back on free. A training step allocates and frees the same large tensor
 gradients, autocast's bf16 weight copies), so on the CPU each step re-faults hundreds of MB of zeroed
 pages: 1.5 M minor faults in 7 steps of the inpainting network. Telling malloc to never use mmap and never
 trim its heap makes freed blocks reusable, the effect Intel's PyTorch CPU tuning guide gets by preloading
-jemalloc or tcmalloc, without LD_PRELOAD. Measured with benchmarks/bench_pretrain.py (batch 64, bf16,
-channels_last, 2 cores): the inpainting step 62-68 -> 81 img/s, the AlexNet context encoder 52 -> 55.
+jemalloc or tcmalloc, without LD_PRELOAD. Measured on the training step of benchmarks/bench_pretrain.py
+(batch 64, bf16, channels_last, 2 cores, each setting in its own process): the inpainting network 62-68 ->
+79-82 img/s, the AlexNet context encoder 52 -> 55; the resident memory stays flat from the second step on.
 The cost: the process keeps its peak heap until it exits. `CTXENC_SYSTEM_MALLOC=1` turns it off.
 """
 from __future__ import annotations
