@@ -140,27 +140,28 @@ def main() -> None:
     conv32, conv16 = conv_peak_gflops(torch.float32), conv_peak_gflops(torch.bfloat16)
     print(f"matmul peak: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s; 3x3 conv: fp32 {conv32:.0f}, "
           f"bf16 {conv16:.0f} ({torch.get_num_threads()} threads)")
+    # (model, setting, PretrainConfig overrides, straightforward port?)
     settings = [
-        ("alexnet", "fp32", dict(model="alexnet", amp="none", channels_last=False)),
-        ("alexnet", "channels_last", dict(model="alexnet", amp="none", channels_last=True)),
-        ("alexnet", "bf16", dict(model="alexnet", amp="bf16", channels_last=False)),
-        ("alexnet", "channels_last+bf16", dict(model="alexnet", amp="bf16", channels_last=True)),
-        ("alexnet (L2 only)", "channels_last+bf16", dict(model="alexnet", amp="bf16", channels_last=True, lambda_adv=0.0)),
-        ("inpaint128 G+D", "straightforward port", dict(model="inpaint128", amp="none", channels_last=False)),
-        ("inpaint128 G+D", "fp32", dict(model="inpaint128", amp="none", channels_last=False)),
-        ("inpaint128 G+D", "channels_last+bf16", dict(model="inpaint128", amp="bf16", channels_last=True)),
+        ("alexnet", "fp32", dict(model="alexnet", amp="none", channels_last=False), False),
+        ("alexnet", "channels_last", dict(model="alexnet", amp="none", channels_last=True), False),
+        ("alexnet", "bf16", dict(model="alexnet", amp="bf16", channels_last=False), False),
+        ("alexnet", "channels_last+bf16", dict(model="alexnet", amp="bf16", channels_last=True), False),
+        ("alexnet (L2 only)", "channels_last+bf16", dict(model="alexnet", amp="bf16", channels_last=True, lambda_adv=0.0), False),
+        ("inpaint128 G+D", "straightforward port", dict(model="inpaint128", amp="none", channels_last=False), True),
+        ("inpaint128 G+D", "fp32", dict(model="inpaint128", amp="none", channels_last=False), False),
+        ("inpaint128 G+D", "channels_last+bf16", dict(model="inpaint128", amp="bf16", channels_last=True), False),
     ]
     rows = []
-    for name, label, overrides in settings:
+    for name, label, overrides, port in settings:
         cfg = PretrainConfig(**overrides)
-        r = time_step(cfg, args.batch, args.steps, straightforward_port=label == "straightforward port")
+        r = time_step(cfg, args.batch, args.steps, straightforward_port=port)
         bf16 = cfg.amp == "bf16"
         fp32_rate = next((x["images_per_s"] for x in rows if x["model"] == name and x["setting"] == "fp32"), None)
-        port_rate = next((x["images_per_s"] for x in rows if x["setting"] == "straightforward port"), None)
+        port_rate = next((x["images_per_s"] for x in rows if x["model"] == name and x["straightforward_port"]), None)
         r.update(model=name, setting=label, pct_of_matmul_peak=100 * r["gflop_per_s"] / (peak16 if bf16 else peak32),
                  pct_of_conv_peak=100 * r["gflop_per_s"] / (conv16 if bf16 else conv32),
                  speedup_vs_fp32=r["images_per_s"] / fp32_rate if fp32_rate else None,  # None: no fp32 row yet
-                 speedup_vs_port=r["images_per_s"] / port_rate if port_rate and name.startswith("inpaint128") else None)
+                 speedup_vs_port=r["images_per_s"] / port_rate if port_rate else None, straightforward_port=port)
         rows.append(r)
         print(f"{name:20s} {label:20s} {r['images_per_s']:7.1f} img/s  {_times(r['speedup_vs_fp32']):>6s}  "
               f"{_times(r['speedup_vs_port']):>6s} vs port  "
