@@ -25,7 +25,13 @@ def train_step(model: nn.Module, discriminator: nn.Module | None, batch: dict[st
                opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer | None, scaler: torch.amp.GradScaler,
                lambda_rec: float, lambda_adv: float, overlap: int, overlap_weight: float,
                amp: str, device: torch.device) -> dict[str, float]:
-    """Generator update on L = λrec·Lrec + λadv·Ladv, then (if adversarial) one discriminator update."""
+    """Generator update on L = λrec·Lrec + λadv·Ladv, then (if adversarial) one discriminator update.
+
+    The discriminator looks at the fill once per step and both losses use that one pass, as the official
+    code does: the generator's backward computes gradients for the generator's parameters only, the
+    discriminator's for its own only. The updates are those of a separate, detached pass for the
+    discriminator (tests/test_engine.py), without that pass's cost.
+    """
     x_in, mask, target = batch["input"], batch["mask"], batch["target"]  # (B,3,H,W), (B,H,W), (B,3,H,W)
     weights = reconstruction_weights(mask, overlap, overlap_weight)  # (B, 1, H, W)
     adversarial = discriminator is not None and lambda_adv > 0
@@ -34,34 +40,31 @@ def train_step(model: nn.Module, discriminator: nn.Module | None, batch: dict[st
     with autocast(device, amp):
         pred = model(x_in)  # (B, 3, H, W)
     loss_rec = masked_l2_loss(pred, target, weights)
-    loss_adv = torch.zeros((), device=device)
+    loss_adv = loss_d = torch.zeros((), device=device)
     if adversarial:
-        fake_view = disc_view(pred, mask)  # (B, 3, h, w); reused, detached, for D's own update below
-        for p in discriminator.parameters():  # the generator step must not accumulate D's gradients
-            p.requires_grad_(False)
-        plain_d = discriminator.module if hasattr(discriminator, "module") else discriminator  # no DDP sync:
-        with autocast(device, amp):  # this pass produces no gradients for D's parameters
-            loss_adv = generator_adversarial_loss(plain_d(fake_view))
-        for p in discriminator.parameters():
-            p.requires_grad_(True)
+        with autocast(device, amp):
+            fake_logits = discriminator(disc_view(pred, mask))  # (B,); D sees the fill only, never the context
+            real_logits = discriminator(disc_view(target, mask))  # (B,)
+        loss_adv = generator_adversarial_loss(fake_logits)
+        loss_d = discriminator_loss(real_logits, fake_logits)
     loss = lambda_rec * loss_rec + lambda_adv * loss_adv
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite loss {loss.item()} (rec {loss_rec.item()}, adv {loss_adv.item()})")
     opt_g.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    # inputs=: no weight gradients are computed for D here; D's graph is kept for its own backward below.
+    scaler.scale(loss).backward(inputs=_trainable(model), retain_graph=adversarial)
     scaler.step(opt_g)
-
-    loss_d = torch.zeros((), device=device)
     if adversarial:
-        with autocast(device, amp):
-            real_logits = discriminator(disc_view(target, mask))
-            fake_logits = discriminator(fake_view.detach())
-        loss_d = discriminator_loss(real_logits, fake_logits)
         opt_d.zero_grad(set_to_none=True)
-        scaler.scale(loss_d).backward()
+        # inputs=: this backward must stop at the fill; the generator's weights it used were just updated.
+        scaler.scale(loss_d).backward(inputs=_trainable(discriminator))
         scaler.step(opt_d)
     scaler.update()
     return {"loss": loss.item(), "loss_rec": loss_rec.item(), "loss_adv": loss_adv.item(), "loss_d": loss_d.item()}
+
+
+def _trainable(module: nn.Module) -> list[torch.Tensor]:
+    return [p for p in module.parameters() if p.requires_grad]
 
 
 def hole_errors(pred01: torch.Tensor, target01: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, float]:
