@@ -3,7 +3,15 @@ import torch
 from torch import nn
 
 from pretrain.inpaint128 import Inpaint128Generator, build_inpaint128
-from pretrain.models import FEATURE_KEYS, AlexNetEncoder, ChannelWiseFC, ContextEncoder, Discriminator, build_encoder
+from pretrain.models import (
+    FEATURE_KEYS,
+    AlexNetEncoder,
+    ChannelsFirstGroupNorm,
+    ChannelWiseFC,
+    ContextEncoder,
+    Discriminator,
+    build_encoder,
+)
 
 
 @pytest.mark.parametrize("arch", ["caffe", "torchvision"])
@@ -57,6 +65,27 @@ def test_channelwise_fc_has_no_cross_channel_weights():
 def test_context_encoder_outputs_full_image(encoder):
     model = ContextEncoder(build_encoder(encoder), 227)
     assert model(torch.randn(2, 3, 227, 227)).shape == (2, 3, 227, 227)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_first_group_norm_is_group_norm_and_keeps_the_layout(dtype):
+    torch.manual_seed(0)
+    ours, ref = ChannelsFirstGroupNorm(4, 16).to(dtype), nn.GroupNorm(4, 16).to(dtype)
+    with torch.no_grad():
+        for p in (*ours.parameters(), *ref.parameters()):
+            p.uniform_(0.5, 1.5)  # not the identity init, so the affine part is checked too
+        ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 16, 12, 12, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = ours(x), ref(x_ref)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(y.float(), y_ref.float(), atol=tol)
+    assert torch.allclose(x.grad.float(), x_ref.grad.float(), atol=tol)
+    assert torch.allclose(ours.weight.grad.float(), ref.weight.grad.float(), atol=tol * 10)
 
 
 def test_timm_encoder_plugs_in():
