@@ -150,6 +150,7 @@ def main() -> None:
         ("alexnet", "channels_last", dict(model="alexnet", amp="none", channels_last=True), False),
         ("alexnet", "bf16", dict(model="alexnet", amp="bf16", channels_last=False), False),
         ("alexnet", "channels_last+bf16", dict(model="alexnet", amp="bf16", channels_last=True), False),
+        ("alexnet (L2 only)", "fp32", dict(model="alexnet", amp="none", channels_last=False, lambda_adv=0.0), False),
         ("alexnet (L2 only)", "channels_last+bf16", dict(model="alexnet", amp="bf16", channels_last=True, lambda_adv=0.0), False),
         ("inpaint128 G+D", "straightforward port", dict(model="inpaint128", amp="none", channels_last=False), True),
         ("inpaint128 G+D", "fp32", dict(model="inpaint128", amp="none", channels_last=False), False),
