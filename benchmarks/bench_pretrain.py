@@ -124,7 +124,7 @@ def time_step(cfg: PretrainConfig, batch: int, steps: int, straightforward_port:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    ips = batch / statistics.median(times)  # the median step: this VM's neighbours slow single steps by 10-30%
+    ips = batch / statistics.median(times)  # the median step: on a shared VM other tenants slow some steps
     return {"images_per_s": ips, "gflop_per_image": flops / 1e9, "gflop_per_s": ips * flops / 1e9}
 
 
