@@ -164,14 +164,14 @@ def test_transforms_pad_mask_with_void():
 
 def _tiny_config(tiny_voc, out, **kw) -> SegmentConfig:
     options = {"data": str(tiny_voc), "test_split": "val", "epochs": 1, "batch_size": 2, "crop_size": 72, "fc_width": 32,
-               "workers": 0, "amp": "none", "warmup_steps": 1, "out": str(out), "num_predictions": 2}
+               "workers": 0, "amp": "none", "warmup_epochs": 0.0, "out": str(out), "num_predictions": 2}
     return SegmentConfig(**{**options, **kw})
 
 
 def test_tiny_run_writes_results(tiny_voc, tmp_path):
     metrics = main(_tiny_config(tiny_voc, tmp_path / "run", skip="16s"))
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert math.isfinite(saved["mIoU"]) and saved["mIoU"] == pytest.approx(metrics["mIoU"])
+    assert math.isfinite(saved["mIoU"]) and saved["scores"]["mIoU"] == pytest.approx(metrics["scores"]["mIoU"])
     assert saved["classes"] == ["background", "circle", "square", "triangle"]
     assert set(saved["absent"]) <= {"circle"}  # val has no circle; the others are in the truth
     assert (tmp_path / "run" / "per_class.csv").read_text().startswith("class,iou,")
@@ -180,8 +180,10 @@ def test_tiny_run_writes_results(tiny_voc, tmp_path):
         assert png.width >= 3 * 64 and png.height >= 2 * 48
 
 
-def test_tiny_run_from_pretrained_and_rescaled_trunks(tiny_voc, tiny_pretrain_run, tmp_path):
-    for init in (str(tiny_pretrain_run), "rescaled"):
-        metrics = main(_tiny_config(tiny_voc, tmp_path / init.replace("/", "_"), init=init, skip="8s", amp="bf16"))
-        assert math.isfinite(metrics["mIoU"])
-    assert metrics["init_label"] == "rescaled"
+def test_tiny_run_from_pretrained_and_raw_random_trunks(tiny_voc, tiny_pretrain_run, tmp_path):
+    for init, rescale in ((str(tiny_pretrain_run), True), ("random", False)):
+        metrics = main(_tiny_config(tiny_voc, tmp_path / init.replace("/", "_"), init=init, rescale=rescale, skip="8s",
+                                    amp="bf16"))
+        assert math.isfinite(metrics["scores"]["mIoU"])
+        assert (metrics["calibration"] is not None) == rescale
+    assert metrics["init_label"] == "random" and metrics["rescale"] is False

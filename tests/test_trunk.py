@@ -9,8 +9,9 @@ from torch import nn
 from pretrain.checkpoint import list_checkpoints
 from pretrain.data import VOCDataset
 from pretrain.models import AlexNetEncoder
-from transfer.experiment import calibration_batch
-from transfer.trunk import CONV_KEYS, TORCHVISION_CONV_INDEX, build_trunk, gaussian_init_, init_label, rescale_init_
+from transfer.classify import Classifier
+from transfer.experiment import calibration_batch, init_label
+from transfer.trunk import CONV_KEYS, TORCHVISION_CONV_INDEX, build_trunk, calibrate_network_, conv_layers
 
 
 def _pre_activation_stats(trunk: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -27,39 +28,49 @@ def _pre_activation_stats(trunk: nn.Module, images: torch.Tensor) -> dict[str, t
 
 
 def test_random_init_is_gaussian_001_with_zero_bias():
-    trunk = build_trunk("random", seed=0)
-    assert isinstance(trunk, AlexNetEncoder) and init_label("random") == "random"
+    trunk, source = build_trunk("random", seed=0)
+    assert isinstance(trunk, AlexNetEncoder) and source is None and init_label("random") == "random"
     for key in CONV_KEYS:
         conv = getattr(trunk, key)
         assert abs(conv.weight.std().item() - 0.01) < 0.001, key
         assert abs(conv.weight.mean().item()) < 0.001, key
         assert torch.count_nonzero(conv.bias) == 0, key
     assert trunk(torch.randn(1, 3, 227, 227)).shape == (1, 256, 6, 6)
-    assert torch.equal(build_trunk("random", seed=0).conv1.weight, trunk.conv1.weight)  # seeded
-    assert not torch.equal(build_trunk("random", seed=1).conv1.weight, trunk.conv1.weight)
+    assert torch.equal(build_trunk("random", seed=0)[0].conv1.weight, trunk.conv1.weight)  # seeded
+    assert not torch.equal(build_trunk("random", seed=1)[0].conv1.weight, trunk.conv1.weight)
 
 
-def test_rescaled_init_gives_unit_pre_activations_on_its_calibration_batch(tiny_voc):
+def test_every_start_goes_through_the_same_calibration(tiny_voc, tiny_pretrain_run, tmp_path):
+    """Random and pretrained starts: the same protocol, the same new layers, the same calibration images; the
+    random start is re-initialised from data in every layer, a pretrained trunk only rescaled."""
     images = calibration_batch(VOCDataset(tiny_voc, "train", "images"), n=32)  # (4, 3, 227, 227): tiny_voc has 4
-    trunk = build_trunk("rescaled", seed=0, calib_images=images)
-    stats = _pre_activation_stats(trunk, images)
-    assert sorted(stats) == sorted(CONV_KEYS)
-    for name, s in stats.items():
-        assert s[:, 0].abs().max() < 1e-3, name  # every channel: mean 0
-        assert (s[:, 1] - 1).abs().max() < 1e-3, name  # and std 1
-    with pytest.raises(ValueError, match="calibrate"):
-        build_trunk("rescaled", seed=0)
+    reports = {}
+    for init in ("random", str(tiny_pretrain_run)):
+        trunk, _ = build_trunk(init, seed=0)
+        torch.manual_seed(0)
+        model = Classifier(trunk, num_classes=3, width=32)
+        pretrained = {k: v.clone() for k, v in trunk.state_dict().items()}
+        reports[init] = calibrate_network_(model, trunk, model.new_layers(), lambda m=model: m(images), images,
+                                           trunk_is_fresh=init == "random")
+        stats = _pre_activation_stats(trunk, images)
+        if init == "random":  # within-layer init gave every channel std 1; between-layer scaled whole layers
+            for name, s in stats.items():
+                assert s[:, 1].max() / s[:, 1].min() - 1 < 1e-3, name
+        else:  # between-layer only: each conv is its pretrained self times one positive scalar
+            for key in CONV_KEYS:
+                w, w0 = getattr(trunk, key).weight, pretrained[f"{key}.weight"]
+                ratio = (w / w0)[w0.abs() > 1e-6]
+                assert ratio.min() > 0 and (ratio.max() / ratio.min() - 1) < 1e-3, key
+    assert reports["random"]["layers"] == reports[str(tiny_pretrain_run)]["layers"]  # same 8 layers, same order
 
 
-def test_rescaled_init_goes_in_depth_order_for_a_pool_free_trunk():
-    # the pool-free trunk registers pool1/pool2's convs after conv5; each layer must see rescaled inputs
-    torch.manual_seed(0)
+def test_conv_layers_come_in_forward_order_for_a_pool_free_trunk():
+    # the pool-free trunk registers pool1/pool2's convs after conv5; calibration must follow the forward order
     trunk = AlexNetEncoder(pool_free=True)
-    gaussian_init_(trunk)
-    images = torch.randn(4, 3, 131, 131)  # small input, same layer order: pool5 is 3x3
-    rescale_init_(trunk, images)
-    for name, s in _pre_activation_stats(trunk, images).items():
-        assert s[:, 0].abs().max() < 1e-3 and (s[:, 1] - 1).abs().max() < 1e-3, name
+    names = {m: n for n, m in trunk.named_modules()}
+    order = [names[m] for m in conv_layers(trunk, torch.randn(1, 3, 131, 131))]
+    assert order.index("conv1") < order.index("conv2") < order.index("conv5") and len(order) == 8
+    assert order[1].startswith("pool1") and order[-1].startswith("pool5")
 
 
 def test_context_encoder_run_folder_and_checkpoint_load_bit_identical(tiny_pretrain_run):
@@ -68,7 +79,9 @@ def test_context_encoder_run_folder_and_checkpoint_load_bit_identical(tiny_pretr
     encoder = {k[len("encoder."):]: v for k, v in saved.items() if k.startswith("encoder.")}
     assert encoder
     for init in (str(tiny_pretrain_run), str(ckpt_path)):
-        state = build_trunk(init, seed=123).state_dict()
+        trunk, source = build_trunk(init, seed=123)
+        state = trunk.state_dict()
+        assert source["step"] == torch.load(ckpt_path, weights_only=False)["step"]
         assert state.keys() == encoder.keys()
         for k, v in encoder.items():
             assert torch.equal(state[k], v), (init, k)
@@ -79,7 +92,7 @@ def test_torchvision_state_dict_loads_its_convs(tmp_path):
     state = torchvision.models.alexnet(weights=None).state_dict()
     path = tmp_path / "alexnet.pth"
     torch.save(state, path)
-    trunk = build_trunk(f"torchvision:{path}")
+    trunk, _ = build_trunk(f"torchvision:{path}")
     assert trunk.arch == "torchvision" and init_label(f"torchvision:{path}") == "torchvision"
     for key, idx in TORCHVISION_CONV_INDEX.items():
         assert torch.equal(getattr(trunk, key).weight, state[f"features.{idx}.weight"]), key
@@ -127,17 +140,6 @@ def test_bad_inits_fail_naming_the_file(tmp_path, tiny_pretrain_run):
         build_trunk(f"torchvision:{resnet}")
 
 
-def test_build_trunk_normalize_gives_unit_rms_convs_and_needs_images():
-    torch.manual_seed(0)
-    images = torch.randn(4, 3, 227, 227)
-    trunk = build_trunk("random", seed=0, calib_images=images, normalize=True)
-    rms = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out: rms.append(out.pow(2).mean().sqrt().item()))
-             for m in trunk.modules() if isinstance(m, torch.nn.Conv2d)]
-    with torch.no_grad():
-        trunk(images)
-    for h in hooks:
-        h.remove()
-    assert len(rms) == 5 and all(abs(r - 1) < 1e-3 for r in rms), rms
-    with pytest.raises(ValueError, match="needs a batch"):
-        build_trunk("random", normalize=True)
+def test_rescaled_keyword_points_to_the_protocol():
+    with pytest.raises(ValueError, match="--init random"):
+        build_trunk("rescaled")

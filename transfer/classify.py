@@ -7,12 +7,9 @@ testing averages the sigmoid scores of 10 crops (4 corners + centre, and their m
 resized to a 256 short side. Reported: per-class AP and mAP with both the VOC2007 11-point and the all-point
 definitions.
 
-One SGD recipe has to suit every start, and their activation scales differ by 1e4-1e5 (pool5 RMS on the
-built-in data: ~2e-3 for the Gaussian start, ~1 for `rescaled`, ~90 for the default context encoder).
-So before fine-tuning, each trunk conv is divided by one scalar that gives it unit-RMS pre-activations on
-a calibration batch (features unchanged up to scale, `normalize_layer_scales_`), fc6/fc7 get Krähenbühl et
-al.'s data-dependent init (`rescale_head_`), the classifier starts at zero, and gradients are clipped.
-Without these the Gaussian start stays at chance and the context encoder diverges on CamVid.
+Every start goes through the same protocol before fine-tuning (transfer.trunk.calibrate_network_:
+Krähenbühl et al.'s data-dependent init of fc6/fc7/fc8, and of the trunk too for the random start, then
+their between-layer rescaling) and the same SGD recipe (transfer.engine).
 
 Writes `<out>/metrics.json`, `per_class.csv` and `config.json`, and prints a one-line summary.
 
@@ -25,9 +22,7 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,65 +34,38 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from pretrain.config import field, parse_config
-from pretrain.data import VOCDataset, resolve_voc_root, skip_none_collate
+from pretrain.data import VOCDataset, skip_none_collate
 from pretrain.dataset import normalize, resize_short_side, sample_generator
-from pretrain.distributed import all_reduce_mean
+from transfer.engine import autocast, fit
 from transfer.experiment import (
+    FinetuneConfig,
     calibration_batch,
-    every_rank,
     finish_distributed,
-    global_count,
+    init_label,
     print0,
-    seed_everything,
+    setup,
     share_from_main,
-    start_distributed,
     train_sampler,
     wrap_ddp,
     write_results,
 )
-from transfer.metrics import classification_report
-from transfer.trunk import build_trunk, init_label
+from transfer.metrics import classification_collapse, classification_report
+from transfer.trunk import build_trunk, calibrate_network_
 
 
 @dataclass
-class ClassifyConfig:
-    """Every option of a fine-tuning run; written to <out>/config.json."""
+class ClassifyConfig(FinetuneConfig):
+    """Every option of a classification fine-tuning run; written to <out>/config.json."""
 
-    init: str = field("random", "trunk: random, rescaled, torchvision:PATH, a runs/<name>/ folder or a checkpoint .pth")
-    data: str = field("builtin", "'builtin' (generated VOC-layout scenes) or a VOC root (e.g. ../shared/data/camvid-voc)")
-    data_cache: str = field("", "where the built-in data is generated (default: $CTXENC_DATA_CACHE or ~/.cache/ctxenc)")
-    builtin_images: int = field(2000, "size of the built-in dataset")
-    train_split: str = field("train", "split to fine-tune on (real VOC2007: trainval)")
-    test_split: str = field("test", "split to score")
-    epochs: int = field(8, "passes over the training split (8: ~3-5 min on 2 CPU cores for the built-in set)")
+    epochs: int = field(8, "passes over the training split")
     batch_size: int = field(64, "global training batch size (under torchrun split evenly over the processes)")
-    lr: float = field(0.01, "SGD learning rate of the new layers for the global batch, also under torchrun "
-                            "(after warm-up; cosine decay to 0)")
-    trunk_lr_mult: float = field(1.0, "the trunk's lr = lr x this (1: one lr for the whole net, as the random "
-                                      "baselines need; <1 protects pretrained features)")
-    momentum: float = field(0.9, "SGD momentum")
-    weight_decay: float = field(5e-4, "SGD weight decay (Caffe AlexNet: 5e-4)")
-    warmup_epochs: float = field(1.0, "linear lr warm-up from lr/100 over this many epochs")
-    clip_grad: float = field(10.0, "max global gradient norm (0: off); typical norms are 15-50 early on, so this also "
-                                   "bounds the first steps (the context-encoder start diverges on CamVid without it)")
+    lr: float = field(0.01, "SGD learning rate for the global batch: linear warm-up from lr/100, then cosine decay to 0")
     fc_width: int = field(4096, "width of the new fc6 and fc7 (AlexNet: 4096)")
     dropout: float = field(0.5, "dropout after fc6 and after fc7")
     input_size: int = field(227, "crop size fed to the trunk (227: pool5 is 256x6x6)")
     resize: int = field(256, "short side images are resized to before cropping (aspect kept)")
     crop_scale_min: float = field(0.3, "random-resized crops cover [this, 1] of the resized image's area")
     ten_crop: bool = field(True, "test on 10 crops (corners + centre, and flips) and average; false: centre crop only")
-    amp: str = field("bf16", "mixed precision: none or bf16 (CPU or CUDA)", choices=("none", "bf16"))
-    channels_last: bool = field(True, "NHWC memory layout (faster convolutions with oneDNN and cuDNN)")
-    workers: int = field(2, "data loader processes")
-    seed: int = field(0, "seed for random/rescaled trunks, the head's weights, data order, crops and dropout")
-    device: str = field("auto", "auto, cpu or cuda")
-    calib_images: int = field(32, "training images that calibrate --init rescaled and the scales below")
-    normalize_trunk: bool = field(True, "divide each trunk conv by a scalar giving unit-RMS pre-activations on the "
-                                        "calibration images (features unchanged up to scale) before fine-tuning")
-    head_init: str = field("rescaled", "fc6/fc7: rescaled (Krähenbühl et al.'s data-dependent init on the calibration "
-                                       "images) or default (PyTorch's)", choices=("rescaled", "default"))
-    strict_images: bool = field(False, "stop at the first unreadable image instead of skipping it")
-    out: str = field("", "output folder (default: runs/transfer/classify/<init label>-seed<seed>)")
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -106,8 +74,8 @@ class ClassifyConfig:
 class Classifier(nn.Module):
     """trunk (conv1..pool5) -> flatten -> fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout -> classifier.
 
-    fc6/fc7 start from PyTorch's default initialisation (seeded the same way for every `--init`; see
-    `rescale_head_`), the classifier from zero, so every start begins at logits 0 (loss C log 2).
+    The new layers start from PyTorch's default initialisation, seeded the same way for every `--init`; the
+    rescaling protocol (`calibrate_network_`) then re-initialises them from data.
     """
 
     def __init__(self, trunk: nn.Module, num_classes: int, input_size: int = 227, width: int = 4096,
@@ -121,30 +89,13 @@ class Classifier(nn.Module):
             nn.Linear(width, width), nn.ReLU(inplace=True), nn.Dropout(dropout),  # fc7
             nn.Linear(width, num_classes),  # classifier (fc8)
         )
-        nn.init.zeros_(self.head[-1].weight)
-        nn.init.zeros_(self.head[-1].bias)
+
+    def new_layers(self) -> list[nn.Module]:
+        """fc6, fc7 and the classifier, in forward order."""
+        return [m for m in self.head if isinstance(m, nn.Linear)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.trunk(x).flatten(1))  # (B, 3, S, S) -> (B, 256*6*6) -> (B, C) logits
-
-
-@torch.no_grad()
-def rescale_head_(model: Classifier, images: torch.Tensor, eps: float = 1e-8) -> None:
-    """Krähenbühl et al. (2016) within-layer init of fc6 and fc7: each unit's pre-activation gets zero mean
-    and unit variance on `images` (B, 3, S, S), layer by layer (the zero-initialised classifier is left alone).
-    """
-    was_training = model.training
-    model.eval()  # dropout off while measuring
-    x = model.trunk(images).flatten(1)  # (B, D)
-    classifier = model.head[-1]
-    for layer in model.head:
-        if isinstance(layer, nn.Linear) and layer is not classifier:
-            out = layer(x)  # (B, units)
-            mean, std = out.mean(0), out.std(0).clamp_min(eps)  # (units,)
-            layer.weight.div_(std[:, None])
-            layer.bias.sub_(mean).div_(std)
-        x = layer(x)
-    model.train(was_training)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -247,18 +198,6 @@ def eval_targets(voc: VOCDataset) -> np.ndarray:
 # -------------------------------------------------------------------------------------------- training
 
 
-def autocast(device: torch.device, amp: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
-
-
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up from 1/100, then cosine decay to 0."""
-    if step < warmup:
-        return 0.01 + 0.99 * step / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def masked_bce(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Per-class logistic losses summed over the valid (not difficult-only) classes, averaged over images.
 
@@ -293,43 +232,10 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, amp: str
     return torch.cat(scores).numpy(), torch.cat(indices).numpy()
 
 
-def train_epoch(model: nn.Module, loader: DataLoader, opt: torch.optim.Optimizer, base_lrs: list[float], step: int,
-                total_steps: int, warmup_steps: int, device: torch.device, amp: str, channels_last: bool,
-                clip_grad: float = 0.0) -> tuple[float, int, int, int]:
-    """One pass; returns (mean loss, images seen, skipped images, global step after the epoch), all of this
-    process's batches (under torchrun, its share of each global batch)."""
-    model.train()
-    losses, seen, skipped = [], 0, 0
-    for batch, n_skipped in loader:
-        skipped += n_skipped
-        if not every_rank(batch is not None, device):  # all images unreadable (on some rank): skip the step
-            continue
-        x, labels, valid, _ = batch
-        x = x.to(device, non_blocking=True)  # (B, 3, S, S)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        labels, valid = labels.to(device), valid.to(device)  # (B, C)
-        factor = lr_factor(step, total_steps, warmup_steps)
-        for group, base in zip(opt.param_groups, base_lrs):
-            group["lr"] = base * factor
-        with autocast(device, amp):
-            logits = model(x)  # (B, C)
-        loss = masked_bce(logits, labels, valid)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {step + 1}: loss is {loss.item()}; lower --lr or use --amp none")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip_grad > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-        opt.step()
-        losses.append(loss.item())
-        seen += x.shape[0]
-        step += 1
-    return (float(np.mean(losses)) if losses else float("nan")), seen, skipped, step
-
-
-def default_out(cfg: ClassifyConfig) -> Path:
-    return Path("runs") / "transfer" / "classify" / f"{init_label(cfg.init)}-seed{cfg.seed}"
+def classification_loss(model: nn.Module, batch: tuple, device: torch.device) -> torch.Tensor:
+    x, labels, valid, _ = batch  # (B, 3, S, S), (B, C), (B, C), (B,)
+    x = x.to(device, non_blocking=True)  # a channels_last model makes its convolutions channels_last
+    return masked_bce(model(x), labels.to(device), valid.to(device))  # logits (B, C)
 
 
 def main(cfg: ClassifyConfig) -> dict[str, Any]:
@@ -338,33 +244,26 @@ def main(cfg: ClassifyConfig) -> dict[str, Any]:
         raise ValueError("--epochs and --batch-size must be positive")
     if not 0 < cfg.crop_scale_min <= 1:
         raise ValueError(f"--crop-scale-min {cfg.crop_scale_min}: must be in (0, 1]")
-    start = time.time()
-    seed_everything(cfg.seed)
-    run = start_distributed(cfg.device, cfg.batch_size)  # without torchrun: rank 0 of 1 on --device
-    device = run.device
-    out = Path(cfg.out) if cfg.out else default_out(cfg)
-    root = resolve_voc_root(cfg.data, cfg.data_cache or None, cfg.builtin_images)
-    train_voc = VOCDataset(root, cfg.train_split, "classification", strict=cfg.strict_images)
-    test_voc = VOCDataset(root, cfg.test_split, "classification", strict=cfg.strict_images)
+    exp = setup(cfg, "classify", cfg.batch_size)
+    run, device = exp.run, exp.device
+    train_voc = VOCDataset(exp.root, cfg.train_split, "classification", strict=cfg.strict_images)
+    test_voc = VOCDataset(exp.root, cfg.test_split, "classification", strict=cfg.strict_images)
     classes = list(train_voc.classes)
 
-    needs_calib = cfg.init == "rescaled" or cfg.normalize_trunk or cfg.head_init == "rescaled"
-    calib = calibration_batch(train_voc, cfg.calib_images, cfg.input_size, cfg.seed) if needs_calib else None
-    trunk = build_trunk(cfg.init, cfg.seed, calib, normalize=cfg.normalize_trunk)
-    torch.manual_seed(cfg.seed)  # the head's weights: the same for every --init
+    trunk, checkpoint = build_trunk(cfg.init, cfg.seed)
+    torch.manual_seed(cfg.seed)  # the new layers' weights: the same for every --init
     model = Classifier(trunk, len(classes), cfg.input_size, cfg.fc_width, cfg.dropout)
-    if cfg.head_init == "rescaled":
-        rescale_head_(model, calib)
+    calibration = None
+    if cfg.rescale:
+        calib = calibration_batch(train_voc, cfg.calib_images, cfg.input_size, cfg.seed)  # (n, 3, S, S)
+        calibration = calibrate_network_(model, trunk, model.new_layers(), lambda: model(calib), calib,
+                                         trunk_is_fresh=cfg.init == "random")
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     ddp_model = wrap_ddp(model, run)  # trains; `model` (the same weights) is tested
     if run.world_size > 1:  # own dropout masks per rank: one seed would repeat them on every rank's share
         torch.manual_seed(cfg.seed + run.rank)
-    base_lrs = [cfg.lr * cfg.trunk_lr_mult, cfg.lr]
-    opt = torch.optim.SGD([{"params": model.trunk.parameters()}, {"params": model.head.parameters()}], lr=cfg.lr,
-                          momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                          fused=device.type in ("cpu", "cuda"))  # one kernel per step for the 54M parameters
 
     train_set = ClassificationCrops(train_voc, True, cfg.input_size, cfg.resize, cfg.crop_scale_min, seed=cfg.seed)
     test_set = ClassificationCrops(test_voc, False, cfg.input_size, cfg.resize, ten_crop=cfg.ten_crop)
@@ -375,50 +274,38 @@ def main(cfg: ClassifyConfig) -> dict[str, Any]:
                               drop_last=drop_last, generator=torch.Generator().manual_seed(cfg.seed))
     test_loader = DataLoader(test_set, batch_size=max(1, cfg.batch_size // (10 if cfg.ten_crop else 1)),
                              shuffle=False, num_workers=cfg.workers, collate_fn=skip_none_collate)
-    steps_per_epoch = len(train_loader)  # global steps: under torchrun each rank takes 1/N of every batch
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    print0(f"classify init={cfg.init} on {root}: {len(train_set)} {cfg.train_split} / {len(test_set)} "
-           f"{cfg.test_split} images, {len(classes)} classes; {cfg.epochs} epochs x {steps_per_epoch} steps of "
+    print0(f"classify init={cfg.init} on {exp.root}: {len(train_set)} {cfg.train_split} / {len(test_set)} "
+           f"{cfg.test_split} images, {len(classes)} classes; {cfg.epochs} epochs x {len(train_loader)} steps of "
            f"{cfg.batch_size}, fc {cfg.fc_width}, device {device}, amp {cfg.amp}, {run.world_size} process(es)",
            flush=True)
 
-    history, step, skipped = [], 0, 0
-    for epoch in range(cfg.epochs):
+    def set_epoch(epoch: int) -> None:
         train_set.set_epoch(epoch)
         if sampler is not None:
             sampler.set_epoch(epoch)
-        t0 = time.perf_counter()
-        loss, seen, n_skipped, step = train_epoch(ddp_model, train_loader, opt, base_lrs, step, total_steps,
-                                                  warmup_steps, device, cfg.amp, cfg.channels_last, cfg.clip_grad)
-        # over all ranks (identities without torchrun): the loss averages the ranks' means
-        loss, seen, n_skipped = all_reduce_mean(loss, device), global_count(seen, device), global_count(n_skipped, device)
-        skipped += n_skipped
-        rate = seen / (time.perf_counter() - t0)
-        history.append({"epoch": epoch + 1, "loss": loss, "images_per_s": round(rate, 1)})
-        print0(f"epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f} ({rate:.0f} img/s)", flush=True)
+
+    state = fit(model, ddp_model, train_loader, classification_loss, cfg, device, set_epoch)
 
     metrics: dict[str, Any] | None = None
     if run.is_main:  # the whole test split with the unwrapped model, as one process would; the others wait below
         scores, index = predict(model, test_loader, device, cfg.amp, cfg.channels_last)
         targets = eval_targets(test_voc)[index]  # (N, C) rows of the images actually scored
         report = classification_report(scores, targets, classes)
-        minutes = (time.time() - start) / 60
-        metrics = {
-            "mAP_11point": report["mAP_11point"], "mAP_all_point": report["mAP_all_point"],
+        details = {
             "per_class": {r["class"]: {"ap_11point": r["ap_11point"], "ap_all_point": r["ap_all_point"]}
                           for r in report["per_class"]},
-            "skipped_classes": report["skipped"], "init": cfg.init, "init_label": init_label(cfg.init), "seed": cfg.seed,
-            "data": str(root), "test_split": cfg.test_split, "num_train_images": len(train_set),
-            "num_test_images": int(len(index)), "skipped_images": skipped + len(test_set) - int(len(index)),
-            "epochs": cfg.epochs, "minutes": minutes, "train_history": history,
+            "skipped_classes": report["skipped"], "data_root": str(exp.root), "test_split": cfg.test_split,
+            "num_train_images": len(train_set), "num_test_images": int(len(index)),
+            "skipped_images": state.skipped_images + len(test_set) - int(len(index)), "epochs": cfg.epochs,
+            "train_history": state.history, "calibration": calibration,
         }
-        write_results(out, metrics, report["per_class"], cfg)
+        metrics = write_results(exp, {"mAP_11point": report["mAP_11point"], "mAP_all_point": report["mAP_all_point"]},
+                                details, report["per_class"], classification_collapse(scores), checkpoint)
         if report["skipped"]:
             print(f"classes without a positive test image (left out of the mAP): {', '.join(report['skipped'])}")
         print(f"classify init={init_label(cfg.init)} seed={cfg.seed}: mAP 11pt {100 * report['mAP_11point']:.1f} / "
               f"all-point {100 * report['mAP_all_point']:.1f} on {cfg.test_split} ({len(index)} images) in "
-              f"{minutes:.1f} min -> {out}/")
+              f"{metrics['wall_seconds'] / 60:.1f} min -> {exp.out}/")
     metrics = share_from_main(metrics)  # rank 0's metrics on every rank (identity without torchrun)
     finish_distributed(run)
     return metrics

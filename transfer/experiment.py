@@ -1,8 +1,8 @@
-"""What every transfer command shares: device and seeding, the calibration batch, writing results, and
-running under torchrun (DDP) for the fine-tuning commands (classify, segment, detect).
+"""What every transfer command shares: its config fields, `setup` (seeding, device and DDP, output folder,
+data root), the calibration batch, and one results writer whose `metrics.json` starts with a common header.
 
-Each task module (classify, probe, detect, segment, retrieve) owns its model, data transforms and
-loop; this module only holds the pieces that would otherwise be copied into each of them.
+Each task module (classify, probe, detect, segment, retrieve) owns its model, data transforms and scoring;
+`transfer.engine` owns the fine-tuning loop. This module holds what would otherwise be copied into each.
 """
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,105 @@ from torch import nn
 from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from pretrain.config import field
+from pretrain.data import resolve_voc_root
 from pretrain.dataset import normalize, resize_short_side
 from pretrain.distributed import all_reduce_mean, init_distributed, is_main_process
+from pretrain.provenance import provenance
+
+
+@dataclass
+class TransferConfig:
+    """The options every transfer task has; each task's config adds its own (one level, no deeper)."""
+
+    init: str = field("random", "trunk: random (Gaussian N(0, 0.01^2)), torchvision:PATH, a runs/<name>/ folder or a "
+                                "checkpoint .pth written by python -m pretrain")
+    rescale: bool = field(True, "Krähenbühl et al. 2016 rescaling before training: data-dependent init of every layer "
+                                "that starts fresh, then between-layer gradient-ratio calibration of the whole network "
+                                "(false: the start's weights as they are)")
+    data: str = field("builtin", "'builtin' (generated VOC-layout scenes) or a VOC root (e.g. ../shared/data/camvid-voc)")
+    data_cache: str = field("", "where the built-in data is generated (default: $CTXENC_DATA_CACHE or ~/.cache/ctxenc)")
+    builtin_images: int = field(2000, "size of the built-in dataset")
+    train_split: str = field("train", "split to train on (real VOC2007: trainval)")
+    test_split: str = field("test", "split to score (VOC2012 segmentation: val)")
+    calib_images: int = field(32, "training images the rescaling is calibrated on")
+    amp: str = field("bf16", "mixed precision: none or bf16 (CPU or CUDA)", choices=("none", "bf16"))
+    channels_last: bool = field(True, "NHWC memory layout (faster convolutions with oneDNN and cuDNN)")
+    workers: int = field(2, "data loader processes")
+    seed: int = field(0, "seed for the random trunk, new layers' weights, data order, augmentation and dropout")
+    device: str = field("auto", "auto, cpu or cuda")
+    strict_images: bool = field(False, "stop at the first unreadable image instead of skipping it")
+    out: str = field("", "output folder (default: runs/transfer/<task>/<init label>-seed<seed>)")
+
+
+@dataclass
+class FinetuneConfig(TransferConfig):
+    """The fine-tuning recipe (classify, detect, segment): one SGD recipe, the same for every start of a task."""
+
+    epochs: int = field(8, "passes over the training split")
+    batch_size: int = field(64, "global training batch size (under torchrun split evenly over the processes)")
+    lr: float = field(0.01, "SGD learning rate for the global batch: linear warm-up from lr/100, then cosine decay to 0")
+    momentum: float = field(0.9, "SGD momentum")
+    weight_decay: float = field(5e-4, "SGD weight decay on weights (not biases)")
+    warmup_epochs: float = field(1.0, "epochs of linear lr warm-up (at most a fifth of the run)")
+    clip_grad: float = field(10.0, "max global gradient norm (0: off)")
+
+
+# Fields that say where outputs go or how fast they are made, not what is computed: left out of the config hash.
+OUTPUT_FIELDS = ("out", "workers", "device", "threads", "num_predictions", "vis_images", "gallery")
+
+
+@dataclass
+class Experiment:
+    """One transfer run: its config, where it runs (`run`), where it writes, and when it started."""
+
+    cfg: TransferConfig
+    task: str
+    run: DistributedRun
+    out: Path
+    root: Path
+    started: float
+
+    @property
+    def device(self) -> torch.device:
+        return self.run.device
+
+
+def init_label(init: str) -> str:
+    """A short name for tables: the run folder's name for checkpoints, the keyword otherwise."""
+    if init in ("random", "hog"):
+        return init
+    if init.startswith("torchvision:"):
+        return "torchvision"
+    path = Path(init)
+    return path.parent.name if path.suffix == ".pth" else path.name
+
+
+def default_out(task: str, cfg: TransferConfig) -> Path:
+    return Path("runs") / "transfer" / task / f"{init_label(cfg.init)}{'' if cfg.rescale else '-raw'}-seed{cfg.seed}"
+
+
+def check_writable(out: Path) -> None:
+    """Create `out` and prove a file can be written there, before any training is spent."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(f"--out {out}: cannot write there ({err.strerror}); choose a writable folder") from err
+
+
+def setup(cfg: TransferConfig, task: str, batch_size: int = 1) -> Experiment:
+    """Seed, join torchrun's group if any, resolve the output folder (checked writable on rank 0) and the data."""
+    started = time.time()
+    seed_everything(cfg.seed)
+    run = start_distributed(cfg.device, batch_size)
+    out = Path(cfg.out) if cfg.out else default_out(task, cfg)
+    if run.is_main:
+        check_writable(out)
+    root = resolve_voc_root(cfg.data, cfg.data_cache or None, cfg.builtin_images)
+    return Experiment(cfg, task, run, out, root, started)
 
 
 def seed_everything(seed: int) -> None:
@@ -69,27 +168,40 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(v) for v in value]
     if isinstance(value, (np.floating, np.integer)):
         return _jsonable(value.item())
+    if isinstance(value, Path):
+        return str(value)
     return value
 
 
-def write_results(out_dir: str | Path, metrics: dict[str, Any], per_class: list[dict[str, Any]] | None = None,
-                  config: Any = None) -> Path:
-    """`metrics.json` (+ `per_class.csv`, + `config.json` from a dataclass) in `out_dir`; returns the folder.
+def write_results(exp: Experiment, scores: dict[str, float], details: dict[str, Any] | None = None,
+                  per_class: list[dict[str, Any]] | None = None, collapse_reason: str | None = None,
+                  checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write `metrics.json` (the common header, then the task's details), `per_class.csv` and `config.json`
+    into the run's folder; returns the metrics.
 
-    NaN (e.g. the AP of a class with no positives) is written as JSON null, never as a bare NaN.
+    Header: task, init, init_label, seed, data, commit, config_hash, versions, wall_seconds, checkpoint (the
+    file and step a pretrained start was loaded from), status (`ok`, or `collapsed` when the predictions are
+    degenerate: then `collapse_reason` says how, and the scores must not be read as a result), and `scores`,
+    the flat {name: number} the benchmark tables use. NaN is written as JSON null, never as a bare NaN.
     """
-    out = Path(out_dir)
+    cfg = exp.cfg
+    metrics = {"task": exp.task, "init": cfg.init, "init_label": init_label(cfg.init), "rescale": cfg.rescale,
+               "seed": cfg.seed, "data": cfg.data, **provenance(cfg, ignore=OUTPUT_FIELDS),
+               "wall_seconds": round(time.time() - exp.started, 1), "checkpoint": checkpoint,
+               "status": "collapsed" if collapse_reason else "ok", "collapse_reason": collapse_reason,
+               "scores": scores, **(details or {})}
+    out = exp.out
     out.mkdir(parents=True, exist_ok=True)
-    if config is not None:
-        cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
-        (out / "config.json").write_text(json.dumps(_jsonable(cfg), indent=2))
+    (out / "config.json").write_text(json.dumps(_jsonable(dataclasses.asdict(cfg)), indent=2))
     (out / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2))
     if per_class:
         with open(out / "per_class.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(per_class[0].keys()))
             writer.writeheader()
             writer.writerows(per_class)
-    return out
+    if collapse_reason:
+        print(f"COLLAPSED: {collapse_reason}; the scores of {out} are not a result", flush=True)
+    return metrics
 
 
 # ------------------------------------------------------------------------------------------ torchrun (DDP)

@@ -590,3 +590,43 @@ def knn_vote_scores(neighbour_targets: npt.ArrayLike, weights: npt.ArrayLike | N
     total = w.sum(1, keepdims=True)  # (Q, 1)
     votes = np.einsum("qk,qkc->qc", w, t)  # (Q, C)
     return np.divide(votes, total, out=np.zeros_like(votes), where=total > 0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Collapse: degenerate predictions are reported as such, never as a score
+# ----------------------------------------------------------------------------------------------------------
+def classification_collapse(scores: npt.ArrayLike, atol: float = 1e-6) -> str | None:
+    """Why (N, C) classification scores are degenerate, or None: collapsed when no class's score varies
+    across the images (every image gets the same ranking: the mAP then only measures class frequencies)."""
+    s = _to_numpy(scores).astype(np.float64)
+    if s.ndim != 2 or s.shape[0] < 2:
+        return None
+    spread = float(np.ptp(s, axis=0).max())  # the largest per-class range over images
+    if spread <= atol:
+        return f"the scores do not vary across images (largest per-class range {spread:.2g})"
+    return None
+
+
+def segmentation_collapse(cm: ConfusionMatrix, background: int = 0, max_share: float = 0.98,
+                          margin: float = 0.005) -> str | None:
+    """Why a segmentation result is degenerate, or None: one class takes at least `max_share` of the predicted
+    pixels, or the mIoU is within `margin` (0.5 points) of what predicting `background` everywhere scores."""
+    pred = cm.matrix.sum(0).astype(np.float64)  # (C,) predicted pixels per class
+    if pred.sum() == 0:
+        return "no pixel was scored"
+    top = int(pred.argmax())
+    if pred[top] / pred.sum() >= max_share:
+        return f"class {top} takes {100 * pred[top] / pred.sum():.1f}% of the predicted pixels"
+    trivial = ConfusionMatrix(cm.num_classes)
+    trivial.matrix[:, background] = cm.matrix.sum(1)  # every labelled pixel predicted as background
+    if abs(cm.miou() - trivial.miou()) <= margin:
+        return (f"mIoU {100 * cm.miou():.2f}% is within {100 * margin:.1f} points of predicting background everywhere "
+                f"({100 * trivial.miou():.2f}%)")
+    return None
+
+
+def detection_collapse(num_detections: int, score_threshold: float) -> str | None:
+    """Why a detection result is degenerate, or None: collapsed when no box clears the score threshold."""
+    if num_detections == 0:
+        return f"no detection clears the score threshold {score_threshold:g} on any test image"
+    return None

@@ -14,9 +14,10 @@ Model (Long et al. 2015, FCN-32s/16s/8s on AlexNet):
   centred (stride and offset of each layer, `feature_geometry`), so coarse and fine scores are aligned
   without FCN's crop layers, and the output has the input's exact H x W for any size, odd ones included.
 
-Training: SGD with momentum, poly decay (FCN/DeepLab), random scale + crop + flip, cross-entropy with 255
-ignored. The loss is taken on every 4th pixel (`--loss-stride`, 1 = every pixel): the logits are a fixed
-bilinear interpolation of the stride-8..32 scores, so denser samples add little gradient but cost ~30% of a
+Training: the engine's SGD recipe (transfer.engine, the same for every start), random scale + crop + flip,
+cross-entropy with 255 ignored. Before it, every start goes through the rescaling protocol
+(transfer.trunk.calibrate_network_). The loss is taken on every 4th pixel (`--loss-stride`, 1 = every
+pixel): the logits are a fixed bilinear interpolation of the stride-8..32 scores, so denser samples add little gradient but cost ~30% of a
 step on a CPU. Evaluation is always at every pixel of the label.
 
 torchvision's `segmentation.fcn.FCNHead` (3x3 conv to in/4 = 64 channels + BatchNorm + 1x1) and its `FCN`
@@ -32,9 +33,7 @@ rank returns its metrics (transfer.experiment explains the split).
 """
 from __future__ import annotations
 
-import math
 import sys
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,27 +50,26 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from pretrain.config import field, parse_config
-from pretrain.data import VOCDataset, resolve_voc_root, skip_none_collate
+from pretrain.data import VOCDataset, skip_none_collate
 from pretrain.data.images import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.data.synthetic import voc_palette
 from pretrain.dataset import denormalize
-from pretrain.distributed import all_reduce_mean
 from pretrain.models import FEATURE_KEYS, AlexNetEncoder
+from transfer.engine import autocast, fit
 from transfer.experiment import (
+    FinetuneConfig,
     calibration_batch,
-    every_rank,
     finish_distributed,
-    global_count,
+    init_label,
     print0,
-    seed_everything,
+    setup,
     share_from_main,
-    start_distributed,
     train_sampler,
     wrap_ddp,
     write_results,
 )
-from transfer.metrics import ConfusionMatrix
-from transfer.trunk import build_trunk, init_label
+from transfer.metrics import ConfusionMatrix, segmentation_collapse
+from transfer.trunk import build_trunk, calibrate_network_
 
 IGNORE_INDEX = 255
 # Trunk features scored by each variant, coarse to fine (AlexNet: pool2 has stride 16, pool1 stride 8).
@@ -79,52 +77,28 @@ SKIP_FEATURES: dict[str, tuple[str, ...]] = {"32s": (), "16s": ("pool2",), "8s":
 
 
 @dataclass
-class SegmentConfig:
+class SegmentConfig(FinetuneConfig):
     """Every option of a segmentation transfer run; written to <out>/config.json."""
 
-    init: str = field("random", "trunk start: random, rescaled, a runs/<name>/ folder or checkpoint .pth, "
-                                "or torchvision:PATH")
-    data: str = field("builtin", "'builtin' (generated VOC-layout scenes) or a VOC root, e.g. ../shared/data/camvid-voc")
-    data_cache: str = field("", "where the built-in data is generated (default: $CTXENC_DATA_CACHE or ~/.cache/ctxenc)")
-    builtin_images: int = field(2000, "size of the built-in dataset")
-    train_split: str = field("train", "split to train on (ImageSets/Segmentation/<split>.txt)")
-    test_split: str = field("test", "split to score: 'test' for the built-in set and camvid-voc, 'val' for VOC2012 "
-                                    "(whose test masks are not public)")
+    epochs: int = field(10, "passes over the training split")
+    batch_size: int = field(32, "global training batch size, under torchrun split evenly over the processes (also "
+                                "the evaluation batch size)")
     skip: str = field("8s", "FCN variant: 32s (no skip), 16s (+pool2 score), 8s (+pool2 and pool1 scores)",
                       choices=tuple(SKIP_FEATURES))
     fc_width: int = field(1024, "channels of fc6/fc7 (AlexNet's fc layers have 4096; 1024 keeps CPU runs short)")
     fc6_kernel: int = field(3, "fc6 kernel on pool5 (odd; padded so pool5's grid is kept)", choices=(1, 3, 5))
     dropout: float = field(0.5, "dropout after fc6 and fc7")
-    crop_size: int = field(193, "training crop; smaller images are padded (mask with 255). 193 instead of AlexNet's 227 "
-                                "costs ~60%% as much per image; the net is fully convolutional, so tests run at full size")
+    crop_size: int = field(193, "training crop; smaller images are padded (mask with 255). The net is fully "
+                                "convolutional, so tests run at full size")
     scale_min: float = field(0.75, "training images are rescaled by a random factor in [scale_min, scale_max]")
     scale_max: float = field(1.25, "upper end of the random rescaling")
     test_short_side: int = field(0, "resize test images to this short side before the net (0: native size); "
                                     "scores are always taken at the label's own resolution")
     loss_stride: int = field(4, "training loss on every s-th pixel (1: every pixel, as FCN). The logits are a fixed "
                                 "bilinear interpolation of a stride-8 to 32 score grid, so sparser samples of them "
-                                "carry nearly the same gradient at a fraction of the cost (s=1 is ~30%% of a step)")
-    epochs: int = field(10, "passes over the training split (10 x 1400 built-in images: ~4 min on 2 idle CPU cores)")
-    batch_size: int = field(32, "global training batch size, under torchrun split evenly over the processes (also "
-                                "the evaluation batch size)")
-    lr: float = field(0.01, "SGD learning rate for the global batch, also under torchrun (poly decay to 0, power 0.9)")
-    momentum: float = field(0.9, "SGD momentum")
-    weight_decay: float = field(5e-4, "SGD weight decay (FCN: 5e-4)")
-    warmup_steps: int = field(50, "linear learning-rate warm-up steps")
-    amp: str = field("bf16", "mixed precision: none or bf16 (CPU or CUDA)", choices=("none", "bf16"))
-    channels_last: bool = field(True, "NHWC memory layout (faster convolutions with oneDNN and cuDNN)")
-    workers: int = field(2, "data loader processes")
-    threads: int = field(0, "torch CPU threads (0: torch's default, one per core); 1 avoids oversubscription when "
-                            "several jobs share the cores")
-    seed: int = field(0, "seed for the head's weights, random/rescaled trunks, data order and augmentation")
-    device: str = field("auto", "auto, cpu or cuda")
-    calib_images: int = field(32, "training images that calibrate --init rescaled and --normalize-trunk")
-    normalize_trunk: bool = field(True, "divide each trunk conv by a scalar giving unit-RMS pre-activations on the "
-                                        "calibration images before fine-tuning (features unchanged up to scale): one "
-                                        "lr then suits every start (pretrained trunks diverged on CamVid without it)")
-    out: str = field("", "output folder (default: runs/transfer/segment/<init label>-seed<seed>)")
+                                "carry nearly the same gradient at a fraction of the cost")
+    threads: int = field(0, "torch CPU threads (0: torch's default, one per core)")
     num_predictions: int = field(4, "test images drawn in predictions.png")
-    strict_images: bool = field(False, "stop at the first unreadable image instead of skipping it")
 
 
 # ----------------------------------------------------------------------------------------------- geometry
@@ -225,12 +199,15 @@ class FCNAlexNet(nn.Module):
         self.score = nn.Conv2d(fc_width, num_classes, 1)
         self.score_skip = nn.ModuleDict(
             {k: nn.Conv2d(trunk.feature_channels[k], num_classes, 1) for k in self.skip_keys})
-        for conv in (self.fc6, self.fc7):
-            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
-            nn.init.zeros_(conv.bias)
-        for conv in (self.score, *self.score_skip.values()):  # FCN: score layers start at zero
+        for conv in self.score_skip.values():  # FCN: skip scores start at zero, so training starts from the 32s net
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
+
+    def new_layers(self) -> list[nn.Module]:
+        """fc6, fc7 and the score layer, in forward order: the chain the rescaling protocol calibrates. The skip
+        scores stay out of it: they start at zero (so they add nothing to the calibration forward), and a branch
+        off the chain would make its gradient ratios impossible to equalise with one scale per layer."""
+        return [self.fc6, self.fc7, self.score]
 
     def forward(self, x: torch.Tensor, label_stride: int = 1) -> torch.Tensor:
         """Logits (B, K, H, W) at every input pixel, or with `label_stride` s > 1 only at the pixels
@@ -358,7 +335,7 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, device: torch
             images = torch.stack([batch[i][0] for i in idx]).to(device)  # (b, 3, h, w)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+            with autocast(device, amp):
                 logits = model(images)  # (b, K, h, w)
             for j, i in enumerate(idx):
                 target_size = tuple(batch[i][1].shape)
@@ -423,45 +400,44 @@ def save_predictions(samples: Sequence[tuple[torch.Tensor, torch.Tensor, torch.T
 
 # ------------------------------------------------------------------------------------------------ training
 
-def _lr_at(step: int, total: int, cfg: SegmentConfig) -> float:
-    """Linear warm-up (at most a fifth of the run, so short runs reach the full rate), then FCN/DeepLab 'poly'
-    decay to 0."""
-    warmup = min(cfg.warmup_steps, total // 5)
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    return cfg.lr * (1 - step / max(total, 1)) ** 0.9
+def segmentation_step_loss(model: nn.Module, batch: tuple, device: torch.device, loss_stride: int) -> torch.Tensor | None:
+    """The training loss on every `loss_stride`-th pixel; None for a batch without a labelled pixel."""
+    images, masks = batch  # (B, 3, c, c), (B, c, c)
+    masks = subsample_labels(masks.to(device, non_blocking=True), loss_stride)  # (B, c/s, c/s)
+    if (masks == IGNORE_INDEX).all():
+        return None
+    logits = model(images.to(device, non_blocking=True), loss_stride)  # (B, K, c/s, c/s), float32
+    return segmentation_loss(logits, masks)
 
 
 def main(cfg: SegmentConfig) -> dict[str, Any]:
     """Fine-tune an FCN from `cfg.init` on the train split, score the test split; returns the metrics."""
-    t_start, cpu_start = time.perf_counter(), time.process_time()
-    seed_everything(cfg.seed)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    run = start_distributed(cfg.device, cfg.batch_size)  # without torchrun: rank 0 of 1 on --device
-    device = run.device
-    if cfg.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("--amp bf16: this GPU has no bfloat16 support; use --amp none")
     if cfg.loss_stride < 1:
         raise ValueError(f"--loss-stride {cfg.loss_stride}: must be >= 1 (1 = every pixel)")
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    exp = setup(cfg, "segment", cfg.batch_size)
+    run, device = exp.run, exp.device
+    if cfg.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("--amp bf16: this GPU has no bfloat16 support; use --amp none")
     label = init_label(cfg.init)
-    out = Path(cfg.out or Path("runs") / "transfer" / "segment" / f"{label}-seed{cfg.seed}")
-
-    root = resolve_voc_root(cfg.data, cfg.data_cache or None, cfg.builtin_images)
-    train_set = VOCDataset(root, split=cfg.train_split, task="segmentation", strict=cfg.strict_images,
+    train_set = VOCDataset(exp.root, split=cfg.train_split, task="segmentation", strict=cfg.strict_images,
                            transform=SegmentationTransform(True, cfg.crop_size, (cfg.scale_min, cfg.scale_max)))
-    test_set = VOCDataset(root, split=cfg.test_split, task="segmentation", strict=cfg.strict_images,
+    test_set = VOCDataset(exp.root, split=cfg.test_split, task="segmentation", strict=cfg.strict_images,
                           transform=SegmentationTransform(False, short_side=cfg.test_short_side))
     classes = train_set.info.mask_classes
     num_classes = len(classes)
 
-    calib = None
-    if cfg.init == "rescaled" or cfg.normalize_trunk:
-        raw = VOCDataset(root, split=cfg.train_split, task="segmentation", strict=cfg.strict_images)
-        calib = calibration_batch(raw, n=cfg.calib_images, seed=cfg.seed)
-    trunk = build_trunk(cfg.init, seed=cfg.seed, calib_images=calib, normalize=cfg.normalize_trunk)
-    torch.manual_seed(cfg.seed)  # the head's weights do not depend on how the trunk was made
-    model = FCNAlexNet(trunk, num_classes, cfg.skip, cfg.fc_width, cfg.fc6_kernel, cfg.dropout).to(device)
+    trunk, checkpoint = build_trunk(cfg.init, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)  # the new layers' weights do not depend on how the trunk was made
+    model = FCNAlexNet(trunk, num_classes, cfg.skip, cfg.fc_width, cfg.fc6_kernel, cfg.dropout)
+    calibration = None
+    if cfg.rescale:
+        raw = VOCDataset(exp.root, split=cfg.train_split, task="segmentation", strict=cfg.strict_images)
+        calib = calibration_batch(raw, n=cfg.calib_images, seed=cfg.seed)  # (n, 3, 227, 227)
+        calibration = calibrate_network_(model, trunk, model.new_layers(), lambda: model(calib, 4), calib,
+                                         trunk_is_fresh=cfg.init == "random")
+    model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ddp_model = wrap_ddp(model, run)  # trains; `model` (the same weights) is tested
@@ -478,91 +454,46 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
                               sampler=sampler, drop_last=drop_last, collate_fn=skip_none_collate, generator=loader_gen,
                               **common)
     test_loader = DataLoader(test_set, batch_size=cfg.batch_size, shuffle=False, collate_fn=_eval_collate, **common)
-
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, momentum=cfg.momentum)
-    total_steps = cfg.epochs * len(train_loader)  # global steps: under torchrun each rank takes 1/N of every batch
     print0(f"segment: {label} seed {cfg.seed}, {len(train_set)} train / {len(test_set)} {cfg.test_split} images, "
            f"{num_classes} classes, FCN-{cfg.skip}, {cfg.epochs} epochs x {len(train_loader)} steps on {device}, "
            f"{run.world_size} process(es)", flush=True)
 
-    step, skipped_train, loss_value = 0, 0, float("nan")
-    history = []
-    t_train = time.perf_counter()
-    for epoch in range(cfg.epochs):
+    def set_epoch(epoch: int) -> None:
         if sampler is not None:
             sampler.set_epoch(epoch)
-        ddp_model.train()
-        loss_sum, loss_n = 0.0, 0
-        for batch, n_skipped in train_loader:
-            skipped_train += n_skipped
-            if not every_rank(batch is not None, device):  # all images unreadable (on some rank): skip the step
-                continue
-            images, masks = batch  # (B, 3, c, c), (B, c, c)
-            images = images.to(device, non_blocking=True)
-            masks = masks.to(device, non_blocking=True)
-            if cfg.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            for group in optimizer.param_groups:
-                group["lr"] = _lr_at(step, total_steps, cfg)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
-                logits = ddp_model(images, cfg.loss_stride)  # (B, K, c/s, c/s), float32
-            masks = subsample_labels(masks, cfg.loss_stride)  # (B, c/s, c/s)
-            loss = segmentation_loss(logits, masks)
-            finite = bool(torch.isfinite(loss))
-            if not finite and not (masks == IGNORE_INDEX).all():
-                raise FloatingPointError(f"segment: loss is {loss.item()} at step {step}; lower --lr (now {cfg.lr})")
-            if not every_rank(finite, device):  # a batch with no labelled pixel (on some rank): nothing to learn
-                step += 1
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            loss_sum += loss.item()
-            loss_n += 1
-        loss_value = all_reduce_mean(loss_sum / max(loss_n, 1), device)  # the ranks' mean (identity without torchrun)
-        history.append({"epoch": epoch + 1, "loss": loss_value})
-        print0(f"  epoch {epoch + 1}/{cfg.epochs}: loss {loss_value:.4f} ({time.perf_counter() - t_train:.0f} s)",
-               flush=True)
-    train_seconds = time.perf_counter() - t_train
-    skipped_train = global_count(skipped_train, device)
+
+    def loss_fn(m: nn.Module, batch: tuple, dev: torch.device) -> torch.Tensor | None:
+        return segmentation_step_loss(m, batch, dev, cfg.loss_stride)
+
+    state = fit(model, ddp_model, train_loader, loss_fn, cfg, device, set_epoch)
 
     metrics: dict[str, Any] | None = None
     if run.is_main:  # the whole test split with the unwrapped model, as one process would; the others wait below
-        t_eval = time.perf_counter()
         cm, samples, skipped_test = evaluate(model, test_loader, num_classes, device, cfg.amp, cfg.channels_last,
                                              keep=cfg.num_predictions)
-        eval_seconds = time.perf_counter() - t_eval
         scores, rows = segmentation_report(cm, classes)
-        metrics = {"task": "segmentation", "init": cfg.init, "init_label": label, "seed": cfg.seed, "data": cfg.data,
-                   "data_root": str(root), "train_split": cfg.train_split, "test_split": cfg.test_split,
+        details = {"data_root": str(exp.root), "train_split": cfg.train_split, "test_split": cfg.test_split,
                    "skip": cfg.skip, "classes": list(classes), "num_classes": num_classes, **scores,
                    "num_train_images": len(train_set), "num_test_images": len(test_set),
-                   "skipped_images": {"train": skipped_train, "test": skipped_test},
-                   "epochs": cfg.epochs, "steps": step, "final_train_loss": loss_value, "loss_history": history,
-                   "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
-                   "wall_seconds": round(time.perf_counter() - t_start, 1),
-                   # CPU seconds of this process (all its threads, not the loader workers): on a shared machine,
-                   # wall time depends on the other jobs, this much less
-                   "cpu_seconds": round(time.process_time() - cpu_start, 1), "device": str(device),
-                   "threads": torch.get_num_threads()}
-        write_results(out, metrics, rows, cfg)
+                   "skipped_images": {"train": state.skipped_images, "test": skipped_test}, "epochs": cfg.epochs,
+                   "steps": state.step, "train_history": state.history, "calibration": calibration,
+                   "device": str(device), "threads": torch.get_num_threads()}
+        metrics = write_results(exp, {"mIoU": scores["mIoU"], "pixel_accuracy": scores["pixel_accuracy"]}, details,
+                                rows, segmentation_collapse(cm), checkpoint)
         if samples:
-            save_predictions(samples, out / "predictions.png")
+            save_predictions(samples, exp.out / "predictions.png")
         absent = f", absent (not in mean): {', '.join(scores['absent'])}" if scores["absent"] else ""
-        miou = scores["mIoU"]
-        print(f"segment {label} seed {cfg.seed} on {cfg.data} {cfg.test_split}: mIoU {100 * miou:.1f}% "
+        print(f"segment {label} seed {cfg.seed} on {cfg.data} {cfg.test_split}: mIoU {100 * scores['mIoU']:.1f}% "
               f"pixel acc {100 * scores['pixel_accuracy']:.1f}% ({len(test_set)} images, FCN-{cfg.skip}, "
-              f"{metrics['wall_seconds']:.0f} s){absent} -> {out}", flush=True)
-        if not math.isfinite(miou):
-            print("  warning: mIoU is not finite (no labelled test pixel?)", file=sys.stderr)
+              f"{metrics['wall_seconds']:.0f} s){absent} -> {exp.out}", flush=True)
     metrics = share_from_main(metrics)  # rank 0's metrics on every rank (identity without torchrun)
     finish_distributed(run)
     return metrics
 
 
+def cli(argv: list[str] | None = None) -> dict[str, Any]:
+    return main(parse_config(SegmentConfig, argv, description=__doc__.split("\n\n")[0]))
+
+
 if __name__ == "__main__":
-    main(parse_config(SegmentConfig, description=__doc__.split("\n\n")[0]))
+    cli(sys.argv[1:])

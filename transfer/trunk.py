@@ -3,35 +3,29 @@
 - a context-encoder run folder (`runs/<name>/`, newest readable checkpoint) or checkpoint file; an
   autoencoder is the same thing pretrained with `--mask none`;
 - `random`: Gaussian N(0, 0.01^2) weights, zero biases, as Caffe-era papers initialised;
-- `rescaled`: Krähenbühl et al. 2016 data-dependent init: Gaussian weights rescaled layer by layer so
-  each channel's pre-activation has zero mean and unit variance on a batch of real training images;
 - `torchvision:PATH`: a local torchvision AlexNet state dict (e.g. ImageNet weights the user already
   has). Nothing is ever downloaded.
+
+`calibrate_network_` then applies the paper's transfer protocol, identically to every start: Krähenbühl et
+al. 2016's data-dependent init of every layer that starts fresh (the task's new layers; every layer of the
+random start) and their between-layer rescaling of the whole network (transfer.rescale).
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from pretrain.checkpoint import load_latest_checkpoint, load_state_dict_checked
 from pretrain.models import AlexNetEncoder, build_encoder
-from transfer.experiment import print0
+from transfer.rescale import krahenbuhl_rescale_
 
 CONV_KEYS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 # torchvision.models.alexnet().features indices of its five convolutions
 TORCHVISION_CONV_INDEX = {"conv1": 0, "conv2": 3, "conv3": 6, "conv4": 8, "conv5": 10}
-
-
-def init_label(init: str) -> str:
-    """A short name for tables: the run folder's name for checkpoints, the keyword otherwise."""
-    if init in ("random", "rescaled"):
-        return init
-    if init.startswith("torchvision:"):
-        return "torchvision"
-    path = Path(init)
-    return path.parent.name if path.suffix == ".pth" else path.name
 
 
 def gaussian_init_(trunk: nn.Module, std: float = 0.01) -> None:
@@ -42,41 +36,7 @@ def gaussian_init_(trunk: nn.Module, std: float = 0.01) -> None:
             nn.init.zeros_(m.bias)
 
 
-@torch.no_grad()
-def rescale_init_(trunk: AlexNetEncoder, images: torch.Tensor, eps: float = 1e-8) -> dict[str, tuple[float, float]]:
-    """Krähenbühl et al. (2016) within-layer data-dependent init, applied in depth order.
-
-    For each conv (and each pool-free downsampling conv), its output channel c on `images` has mean
-    m_c and std s_c; setting w_c <- w_c / s_c and b_c <- (b_c - m_c) / s_c makes every pre-activation
-    channel zero-mean and unit-variance on the batch. Layers are done in order because each layer's
-    statistics depend on the rescaled layers before it. Returns {layer: (mean, std)} after rescaling.
-    """
-    convs = [(name, m) for name, m in trunk.named_modules() if isinstance(m, nn.Conv2d)]
-    # Depth order is the order the forward pass calls them, not registration order (a pool-free trunk
-    # registers its pool1/pool2 convs after conv5).
-    called: list[nn.Module] = []
-    hooks = [m.register_forward_hook(lambda m, _i, _o: called.append(m)) for _, m in convs]
-    trunk(images)
-    for h in hooks:
-        h.remove()
-    convs.sort(key=lambda item: called.index(item[1]))
-    stats: dict[str, tuple[float, float]] = {}
-    for name, conv in convs:
-        captured: list[torch.Tensor] = []
-        hook = conv.register_forward_hook(lambda _m, _i, out, keep=captured: keep.append(out.detach().clone()))
-        trunk(images)  # (B, 256, 6, 6); the hook keeps this conv's pre-activation
-        hook.remove()
-        out = captured[0]  # (B, C, H, W)
-        mean = out.mean(dim=(0, 2, 3))  # (C,)
-        std = out.std(dim=(0, 2, 3)).clamp_min(eps)  # (C,)
-        conv.weight.div_(std.view(-1, 1, 1, 1))
-        conv.bias.sub_(mean).div_(std)
-        out = (out - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
-        stats[name] = (out.mean().item(), out.std().item())
-    return stats
-
-
-def load_context_encoder_trunk(path: str | Path) -> AlexNetEncoder:
+def load_context_encoder_trunk(path: str | Path) -> tuple[AlexNetEncoder, dict[str, Any]]:
     """The encoder of a pretraining checkpoint (a run folder or a .pth file), weights as saved."""
     path = Path(path)
     if path.is_dir():
@@ -105,7 +65,7 @@ def load_context_encoder_trunk(path: str | Path) -> AlexNetEncoder:
         raise ValueError(f"{path} has a {config.get('encoder')} trunk; transfer tasks use AlexNet trunks")
     state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
     load_state_dict_checked(trunk, state, str(path))
-    return trunk
+    return trunk, {"path": str(path), "step": ckpt.get("step")}
 
 
 def load_torchvision_trunk(path: str | Path) -> AlexNetEncoder:
@@ -127,54 +87,50 @@ def load_torchvision_trunk(path: str | Path) -> AlexNetEncoder:
     return trunk
 
 
-@torch.no_grad()
-def normalize_layer_scales_(trunk: nn.Module, images: torch.Tensor, eps: float = 1e-12) -> dict[str, float]:
-    """Divide each conv's weight and bias by one positive scalar so its pre-activation has unit RMS on `images`.
-
-    ReLU and max-pooling are positively homogeneous, so every feature map keeps its exact pattern and only
-    its overall scale changes: what the trunk computes is preserved, while SGD sees layers of comparable
-    scale (Krähenbühl et al. 2016 rescale pretrained nets between layers for the same reason). Convs are
-    done in forward order, each measured after the ones before it. Returns {conv name: the divisor}.
-    """
-    convs = {m: name for name, m in trunk.named_modules() if isinstance(m, nn.Conv2d)}
-    order: list[nn.Module] = []
-    hooks = [m.register_forward_hook(lambda m, _i, _o: order.append(m)) for m in convs]
-    trunk(images)
-    for h in hooks:
-        h.remove()
-    divisors: dict[str, float] = {}
-    for conv in dict.fromkeys(order):  # forward order, each conv once
-        captured: list[torch.Tensor] = []
-        # measured inside the hook: the trunk applies its ReLU in place right after
-        hook = conv.register_forward_hook(lambda _m, _i, out, keep=captured: keep.append(out.float().pow(2).mean().sqrt()))
-        trunk(images)  # the hook keeps the RMS of this conv's (B, C, H, W) pre-activation
-        hook.remove()
-        rms = captured[0].clamp_min(eps)
-        conv.weight.div_(rms)
-        conv.bias.div_(rms)
-        divisors[convs[conv]] = rms.item()
-    return divisors
-
-
-def build_trunk(init: str, seed: int = 0, calib_images: torch.Tensor | None = None,
-                arch: str = "caffe", normalize: bool = False) -> AlexNetEncoder:
-    """The AlexNet trunk for `--init`; `calib_images` (B, 3, 227, 227), normalised, are needed for `rescaled`
-    and for `normalize` (each conv then divided to unit-RMS pre-activations: `normalize_layer_scales_`)."""
+def build_trunk(init: str, seed: int = 0, arch: str = "caffe") -> tuple[AlexNetEncoder, dict[str, Any] | None]:
+    """The AlexNet trunk for `--init`, and where a pretrained one came from ({"path", "step"}, else None)."""
     torch.manual_seed(seed)
-    if init in ("random", "rescaled"):
+    if init == "rescaled":
+        raise ValueError("--init rescaled is now --init random: the Krähenbühl rescaling is applied to every start "
+                         "(--rescale, on by default)")
+    if init == "random":
         trunk = AlexNetEncoder(arch)
         gaussian_init_(trunk)
-        if init == "rescaled":
-            if calib_images is None:
-                raise ValueError("--init rescaled needs a batch of training images to calibrate on")
-            rescale_init_(trunk, calib_images)
-    elif init.startswith("torchvision:"):
-        trunk = load_torchvision_trunk(init.split(":", 1)[1])
-    else:
-        trunk = load_context_encoder_trunk(init)
-    if normalize:
-        if calib_images is None:
-            raise ValueError("normalizing the trunk's layer scales needs a batch of training images")
-        divisors = normalize_layer_scales_(trunk, calib_images)
-        print0("trunk layers divided by " + ", ".join(f"{k} {v:.3g}" for k, v in divisors.items()), flush=True)
-    return trunk
+        return trunk, None
+    if init.startswith("torchvision:"):
+        return load_torchvision_trunk(init.split(":", 1)[1]), {"path": init.split(":", 1)[1], "step": None}
+    return load_context_encoder_trunk(init)
+
+
+def conv_layers(trunk: nn.Module, images: torch.Tensor) -> list[nn.Module]:
+    """The trunk's convolutions in the order its forward pass calls them (a pool-free trunk registers its
+    downsampling convs after conv5)."""
+    convs = [m for m in trunk.modules() if isinstance(m, nn.Conv2d)]
+    called: list[nn.Module] = []
+    hooks = [m.register_forward_hook(lambda m, _i, _o: called.append(m)) for m in convs]
+    with torch.no_grad():
+        trunk(images[:1])
+    for h in hooks:
+        h.remove()
+    return list(dict.fromkeys(called))
+
+
+def calibrate_network_(model: nn.Module, trunk: nn.Module, new_layers: Sequence[nn.Module],
+                       run: Callable[[], torch.Tensor], calib_images: torch.Tensor, trunk_is_fresh: bool) -> dict[str, Any]:
+    """The paper's protocol on a task network `model` (its trunk, then its `new_layers` in forward order):
+    within-layer data-dependent init of every fresh layer, then the between-layer gradient-ratio calibration of
+    all of them. `run()` is the network's forward on the calibration batch (evaluated in eval mode: no dropout).
+    Returns a short report for metrics.json."""
+    layers = [*conv_layers(trunk, calib_images), *new_layers]
+    fresh = set(new_layers) | (set(layers) if trunk_is_fresh else set())
+    was_training = model.training
+    model.eval()
+    try:
+        report = krahenbuhl_rescale_(layers, run, fresh)
+    finally:
+        model.train(was_training)
+    names = {m: n for n, m in model.named_modules()}
+    return {"layers": [names[m] for m in layers], "fresh": [names[m] for m in layers if m in fresh],
+            "within_std": [round(s.std, 4) for s in report.within],
+            "ratio_spread_before": report.between.spread_before, "ratio_spread_after": report.between.spread_after,
+            "output_factor": report.between.output_factor}
