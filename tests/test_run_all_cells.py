@@ -4,6 +4,7 @@ import ast
 import inspect
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,7 +243,16 @@ def test_task_sources_list_every_project_file_the_task_imports(task):
     assert set(run_all.TASK_SOURCES[task]) == _project_imports(module)
 
 
+# An absolute path starts a word (`runs/x/work/` is a relative one).
+ABSOLUTE_PATH = re.compile(rb"""(?:^|[\s"'`(=:,\[])(/(?:work|tmp|root|home)/[^\s"'`)]*)""", re.MULTILINE)
+
+
+def test_the_absolute_path_pattern_finds_paths_and_only_absolute_ones():
+    found = ABSOLUTE_PATH.findall(b'of /work/shared/data photos, "init": "/tmp/x", `--out=/home/me/r`, runs/e/work/pretrain')
+    assert found == [b"/work/shared/data", b"/tmp/x", b"/home/me/r"]
+
+
 def test_results_hold_no_absolute_machine_path():
     offenders = [f"{p.relative_to(REPO)}: {m.decode()}" for p in sorted((REPO / "results").rglob("*")) if p.is_file()
-                 for m in (b"/work/", b"/tmp/", b"/root/", b"/home/") if m in p.read_bytes()]
+                 for m in ABSOLUTE_PATH.findall(p.read_bytes())]
     assert not offenders, offenders
