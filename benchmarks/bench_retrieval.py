@@ -192,10 +192,12 @@ def main() -> None:
     wall, cpu = time.perf_counter() - started, usage.ru_utime + usage.ru_stime
     load = os.getloadavg()[2]
     md = ["# Retrieval index benchmark (`python benchmarks/bench_retrieval.py`)", "",
-          f"Vectors: conv5 positions (13 x 13 per crop, 256-d) of random square crops and mirrors of {args.data} "
-          f"photos, {label} AlexNet trunk, FAISS PCA to {args.dim} dims (L2). Queries: {len(xq):,} positions of crops "
-          f"of {len(held_out)} held-out photos. k = {args.k}; recall@{args.k} = |approx top-{args.k} ∩ exact "
-          f"top-{args.k}| / {args.k}. {args.threads} threads, one batch of queries, fastest of >= 2 passes. "
+          # the data folder by name only: results/ carries no machine paths
+          f"Vectors: conv5 positions (13 x 13 per crop, 256-d) of random square crops and mirrors of the "
+          f"{Path(args.data).name} photos, {label} AlexNet trunk, FAISS PCA to {args.dim} dims (L2). "
+          f"Queries: {len(xq):,} positions of crops of {len(held_out)} held-out photos. k = {args.k}; "
+          f"recall@{args.k} = |approx top-{args.k} ∩ exact top-{args.k}| / {args.k}. {args.threads} threads, "
+          f"one batch of queries, fastest of >= 2 passes. "
           f"{'Vectors loaded from the cache' if cached else 'Extraction'} {extract_s:.0f} s, "
           f"PCA {pca_s:.0f} s. IVF-Flat nlist = 4 sqrt(N) trained on 64 points per list; HNSW-Flat M = 32, "
           f"efConstruction 40. Whole run: {wall / 60:.1f} min wall, {cpu / 60:.1f} min CPU, peak memory "

@@ -1,17 +1,21 @@
 """Run every (start x task x seed) comparison and collect pandas tables and plots in results/.
 
     python benchmarks/run_all.py                       # the full preset on the built-in data
-    python benchmarks/run_all.py --quick               # a small preset (< 5 min here), used by a test
+    python benchmarks/run_all.py --quick               # a small preset (< 5 min), used by a test
     python benchmarks/run_all.py --data ../shared/data/camvid-voc --out results/camvid
     python benchmarks/run_all.py --only variants=ce-l2,autoencoder tasks=classify,probe seeds=0
     python benchmarks/run_all.py --torchvision /weights/alexnet.pth   # adds an ImageNet-supervised row
 
 Shape (after lightly's benchmarks/imagenet/resnet50/main.py): `VARIANTS` is a plain dict of pretraining
-variants, `TASKS` a plain dict of evaluations, each a short function that calls the task's own `main`
-and returns a dict of numbers. Every finished cell (one pretraining run, or one task x start x seed) is
-stored as JSON under <out>/cells/ the moment it finishes; a rerun skips finished cells, so a killed run
-loses at most the cell in progress (and pretraining cells resume from their last checkpoint). A
-failing cell is recorded with its error and the rest go on.
+variants, `TASKS` a plain dict of evaluations (task name -> its config class and its `main`, which writes
+`metrics.json` with the common header that `read_task_result` reads). Every finished cell (one pretraining
+run, or one task x start x seed) is stored as JSON under <out>/cells/ the moment it finishes, with its
+provenance: the git commit, the hash of its resolved config, the hash of its task's code (`TASK_SOURCES`) and
+the package versions. A rerun skips a cell whose config and code hashes are what they would be now, so a
+killed run loses at most the cell in progress (pretraining cells resume from their last checkpoint); a
+stored cell whose hashes differ is stale and is recomputed (`--keep-stale`: kept, and marked stale in the
+tables and the summary); a cell file without provenance is never trusted. A failing cell is recorded with
+its error and the rest go on; a collapsed one (the task's own verdict) shows as "collapsed", never as a number.
 """
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ import json
 import math
 import os
 import platform
-import subprocess
+import shlex
+import shutil
 import sys
 import time
 import traceback
@@ -37,6 +42,7 @@ if str(REPO) not in sys.path:
 
 from pretrain.main_pretrain import PretrainConfig  # noqa: E402
 from pretrain.main_pretrain import main as pretrain_main  # noqa: E402
+from pretrain.provenance import config_dict, config_hash, git_commit, package_versions, source_hash  # noqa: E402
 from transfer import classify, detect, probe, retrieve, segment  # noqa: E402
 
 # Pretraining variants: name -> PretrainConfig overrides (on top of the preset's pretraining budget).
@@ -75,65 +81,199 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 
 # ----------------------------------------------------------------------------------------------- tasks
-def _task_cfg(cls: type, run: dict[str, Any], task: str, init: str, seed: int, out: Path):
-    fields = {**run["preset"][task], "init": init, "seed": seed, "out": str(out), "data": run["data"]}
-    if "data_cache" in cls.__dataclass_fields__:
-        fields["data_cache"] = run["data_cache"]
-    if "builtin_images" in cls.__dataclass_fields__ and "builtin_images" in run["preset"]["data"]:
-        fields["builtin_images"] = run["preset"]["data"]["builtin_images"]
+# Each transfer task: its config dataclass and its `main(cfg)`, which writes <cfg.out>/metrics.json (the common
+# header, see read_task_result) and returns the same dict.
+TASKS: dict[str, tuple[type, Callable[[Any], dict[str, Any]]]] = {
+    "classify": (classify.ClassifyConfig, classify.main),
+    "probe": (probe.ProbeConfig, probe.main),
+    "detect": (detect.DetectConfig, detect.main),
+    "segment": (segment.SegmentConfig, segment.main),
+    "retrieve": (retrieve.RetrieveConfig, retrieve.main),
+}
+
+# The files whose contents decide each task's numbers: its module and every project module it imports, directly
+# or not (tests/test_run_all.py checks these lists against the imports). A stored cell whose files hash
+# differently from now is stale.
+_DATA_SOURCES = ("pretrain/data/__init__.py", "pretrain/data/images.py", "pretrain/data/synthetic.py",
+                 "pretrain/data/voc.py")
+_TRUNK_SOURCES = ("pretrain/__init__.py", "pretrain/checkpoint.py", "pretrain/config.py", "pretrain/dataset.py",
+                  "pretrain/distributed.py", "pretrain/masks.py", "pretrain/models.py", *_DATA_SOURCES,
+                  "transfer/__init__.py", "transfer/experiment.py", "transfer/trunk.py")
+_PRETRAIN_SOURCES = ("pretrain/__init__.py", "pretrain/allocator.py", "pretrain/checkpoint.py", "pretrain/config.py",
+                     "pretrain/dataset.py", "pretrain/distributed.py", "pretrain/engine.py", "pretrain/inpaint128.py",
+                     "pretrain/losses.py", "pretrain/main_pretrain.py", "pretrain/masks.py", "pretrain/models.py",
+                     *_DATA_SOURCES)
+TASK_SOURCES: dict[str, tuple[str, ...]] = {
+    "pretrain": _PRETRAIN_SOURCES,
+    "classify": ("transfer/classify.py", "transfer/metrics.py", *_TRUNK_SOURCES),
+    "probe": ("transfer/probe.py", "transfer/classify.py", "transfer/metrics.py", *_TRUNK_SOURCES),
+    "detect": ("transfer/detect.py", "transfer/metrics.py", *_TRUNK_SOURCES),
+    "segment": ("transfer/segment.py", "transfer/metrics.py", *_TRUNK_SOURCES),
+    # retrieve imports pretrain.main_pretrain (to rebuild a run's generator for its own fill)
+    "retrieve": ("transfer/retrieve.py", "transfer/gallery.py", *_TRUNK_SOURCES, *_PRETRAIN_SOURCES),
+}
+
+# Config fields that say where outputs go (or that a run resumes), not what is computed: left out of a cell's
+# config hash.
+OUTPUT_FIELDS = ("out", "output_dir", "name", "data_cache", "resume")
+
+# The common header every transfer task's metrics.json starts with (written by the task, read here).
+HEADER_FIELDS = ("task", "init", "init_label", "seed", "data", "commit", "config_hash", "versions", "wall_seconds",
+                 "checkpoint", "status", "collapse_reason", "scores")
+RESULT_STATUSES = ("ok", "collapsed")
+
+
+def read_task_result(path: Path) -> tuple[str, dict[str, float], dict[str, Any]]:
+    """(status, scores, provenance) from a transfer task's metrics.json.
+
+    status is "ok" or "collapsed"; scores the flat {name: float} the tables use (JSON "inf"/"-inf" and null
+    read as inf/-inf/NaN); provenance the other header fields (task, init, init_label, seed, data, commit,
+    config_hash, versions, wall_seconds, checkpoint, collapse_reason). Raises ValueError naming the file when
+    the header is missing or malformed.
+    """
+    try:
+        metrics = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no metrics.json; the task's main must write it into its --out folder") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); rerun the task") from None
+    missing = [k for k in HEADER_FIELDS if k not in metrics] if isinstance(metrics, dict) else list(HEADER_FIELDS)
+    if missing:
+        raise ValueError(f"{path}: metrics.json lacks the common header field(s) {', '.join(missing)}; it was written "
+                         "by a task that does not write the header: rerun it with the current code")
+    status = metrics["status"]
+    if status not in RESULT_STATUSES:
+        raise ValueError(f"{path}: status {status!r} is not one of {', '.join(RESULT_STATUSES)}")
+    if status == "collapsed" and not metrics["collapse_reason"]:
+        raise ValueError(f"{path}: status 'collapsed' needs a collapse_reason saying what collapsed")
+    if not isinstance(metrics["scores"], dict):
+        raise ValueError(f"{path}: scores must be a flat {{name: number}} object, got {type(metrics['scores']).__name__}")
+    scores: dict[str, float] = {}
+    for name, value in metrics["scores"].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            scores[name] = float(value)
+        elif value is None:  # NaN, as the tasks write it
+            scores[name] = math.nan
+        elif value in ("inf", "-inf"):
+            scores[name] = float(value)
+        else:
+            raise ValueError(f"{path}: score {name!r} is {value!r}, not a number (scores must be flat {{name: number}})")
+    provenance = {k: metrics[k] for k in HEADER_FIELDS if k not in ("status", "scores")}
+    return status, scores, provenance
+
+
+def task_config(run: dict[str, Any], task: str, init: str, seed: int, out: Path) -> Any:
+    """The task's config for one cell: the preset's overrides, this cell's start, seed and output folder."""
+    cls = TASKS[task][0]
+    fields = {**run["preset"].get(task, {}), "init": init, "seed": seed, "out": str(out), "data": run["data"],
+              "data_cache": run["data_cache"], **run["preset"]["data"]}
     return cls(**{k: v for k, v in fields.items() if k in cls.__dataclass_fields__})
 
 
-def eval_classify(run, init, seed, out) -> dict[str, float]:
-    m = classify.main(_task_cfg(classify.ClassifyConfig, run, "classify", init, seed, out))
-    return {"mAP_11point": m["mAP_11point"], "mAP_all_point": m["mAP_all_point"]}
+def pretrain_config(run: dict[str, Any], variant: str, seed: int) -> PretrainConfig:
+    fields = {**run["preset"]["pretrain"], **VARIANTS[variant], **run["preset"]["data"]}
+    return PretrainConfig(**fields, name=f"{variant}-seed{seed}", output_dir=str(run["work"] / "pretrain"), data=run["data"],
+                          data_cache=run["data_cache"], seed=seed, resume=True)
 
 
-def eval_probe(run, init, seed, out) -> dict[str, float]:
-    m = probe.main(_task_cfg(probe.ProbeConfig, run, "probe", init, seed, out))
-    row: dict[str, float] = {}
-    for layer, v in m.get("layers", m).items():
-        if isinstance(v, dict) and "svm_mAP_11point" in v:
-            row[f"{layer}/svm_mAP_11point"] = v["svm_mAP_11point"]
-            row[f"{layer}/knn_mAP_11point"] = v["knn_mAP_11point"]
-    return row
+def pretrain_variant(cfg: PretrainConfig) -> tuple[str, dict[str, float], dict[str, Any]]:
+    results = pretrain_main(cfg)
+    return "ok", {k: float(v) for k, v in results.items() if isinstance(v, (int, float))}, {}
 
 
-def eval_detect(run, init, seed, out) -> dict[str, float]:
-    m = detect.main(_task_cfg(detect.DetectConfig, run, "detect", init, seed, out))
-    return {"mAP_11point": m["mAP_11point"], "mAP_all_point": m["mAP_all_point"]}
+def run_task(task: str, cfg: Any) -> tuple[str, dict[str, float], dict[str, Any]]:
+    """Run one transfer task and read what it wrote: (status, scores, fields for the cell)."""
+    metrics_path = Path(cfg.out) / "metrics.json"
+    metrics_path.unlink(missing_ok=True)  # a result left by an earlier run must never pass for this one's
+    TASKS[task][1](cfg)
+    status, scores, provenance = read_task_result(metrics_path)
+    if provenance["task"] != task:
+        raise ValueError(f"{metrics_path}: written by task {provenance['task']!r}, expected {task!r}")
+    checkpoint = provenance["checkpoint"]
+    if isinstance(checkpoint, dict) and "path" in checkpoint:
+        checkpoint = {**checkpoint, "path": _portable(str(checkpoint["path"]))}
+    extra: dict[str, Any] = {"task_result": {**provenance, "init": _portable(str(provenance["init"])),
+                                             "data": _portable(str(provenance["data"])), "checkpoint": checkpoint}}
+    if status == "collapsed":
+        extra["collapse_reason"] = provenance["collapse_reason"]
+    return status, scores, extra
 
 
-def eval_segment(run, init, seed, out) -> dict[str, float]:
-    m = segment.main(_task_cfg(segment.SegmentConfig, run, "segment", init, seed, out))
-    return {"mIoU": m["mIoU"], "pixel_accuracy": m["pixel_accuracy"]}
+# ----------------------------------------------------------------------------------------------- provenance
+def code_hash(task: str) -> str:
+    return source_hash(*TASK_SOURCES[task])
 
 
-def eval_retrieve(run, init, seed, out) -> dict[str, float]:
-    m = retrieve.main(_task_cfg(retrieve.RetrieveConfig, run, "retrieve", init, seed, out))
-    return _flatten_numbers(m)
+def _portable(value: Any) -> Any:
+    """An absolute path (also after `torchvision:`) as one relative to the working directory, so that cells,
+    logs and the summary in results/ name no machine paths; anything else unchanged."""
+    if not isinstance(value, str):
+        return value
+    prefix, path = ("torchvision:", value[len("torchvision:"):]) if value.startswith("torchvision:") else ("", value)
+    return prefix + os.path.relpath(path) if os.path.isabs(path) else value
 
 
-TASKS: dict[str, Callable[..., dict[str, float]]] = {
-    "classify": eval_classify,
-    "probe": eval_probe,
-    "detect": eval_detect,
-    "segment": eval_segment,
-    "retrieve": eval_retrieve,
-}
+def cell_identity(task: str, config: Any, init: dict[str, str] | None = None) -> dict[str, Any]:
+    """What decides a cell's numbers: its resolved config (output fields left out, paths relative; a pretrained
+    start named by its pretraining cell's hashes instead of a folder), that config's hash, and its code's hash."""
+    cfg = {k: _portable(v) for k, v in config_dict(config).items() if k not in OUTPUT_FIELDS}
+    if init is not None:
+        cfg["init"] = init
+    cfg = json.loads(json.dumps(cfg, default=str))  # tuples as lists: as the stored cell holds it
+    return {"config": cfg, "config_hash": config_hash(cfg), "code_hash": code_hash(task)}
 
 
-def _flatten_numbers(d: dict, prefix: str = "") -> dict[str, float]:
-    out: dict[str, float] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten_numbers(v, key + "/"))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[key] = float(v)
-        elif v == "inf":
-            out[key] = math.inf
-    return out
+def pretrained_start(variant: str, pretrain_identity: dict[str, Any]) -> dict[str, str]:
+    """How a transfer cell names a pretrained start in its config: the pretraining cell's variant and hashes."""
+    return {"pretrain": variant, "config_hash": pretrain_identity["config_hash"],
+            "code_hash": pretrain_identity["code_hash"]}
+
+
+PROVENANCE_FIELDS = ("commit", "config_hash", "code_hash", "versions")
+NO_PROVENANCE = "has no provenance (commit, config and code hashes), so nothing says what computed its numbers"
+
+
+def has_provenance(cell: Any) -> bool:
+    return (isinstance(cell, dict) and isinstance(cell.get("provenance"), dict)
+            and all(k in cell["provenance"] for k in PROVENANCE_FIELDS) and "config" in cell)
+
+
+def stale_reason(cell: dict[str, Any], identity: dict[str, Any]) -> str | None:
+    """Why a stored cell is not what computing it now would give (None: it is)."""
+    reasons = []
+    if cell["provenance"]["config_hash"] != identity["config_hash"]:
+        old, new = cell["config"], identity["config"]
+        changed = [f"{k}: {old.get(k, '(none)')} -> {new.get(k, '(none)')}" for k in sorted(set(old) | set(new))
+                   if old.get(k) != new.get(k)]
+        reasons.append(f"config changed ({'; '.join(changed)})" if changed else "config hash changed")
+    if cell["provenance"]["code_hash"] != identity["code_hash"]:
+        reasons.append(f"code changed (hash {cell['provenance']['code_hash']} -> {identity['code_hash']})")
+    return ", ".join(reasons) or None
+
+
+def _read_cell(path: Path) -> dict[str, Any] | None:
+    """The stored cell, or None when the file cannot be trusted (unreadable, or without provenance)."""
+    try:
+        cell = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return cell if has_provenance(cell) else None
+
+
+def prepare_work_dir(folder: Path, identity: dict[str, Any]) -> None:
+    """Make `folder` (checkpoints a killed cell resumes from) belong to this cell: a folder left by a cell with
+    other hashes, or of unknown origin, is emptied first, so a stale checkpoint is never resumed."""
+    marker = folder / "cell-identity.json"
+    key = {"config_hash": identity["config_hash"], "code_hash": identity["code_hash"]}
+    if folder.exists():
+        try:
+            same = json.loads(marker.read_text()) == key
+        except (OSError, json.JSONDecodeError):
+            same = False
+        if not same:
+            shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(key))
 
 
 # ----------------------------------------------------------------------------------------------- cells
@@ -151,34 +291,88 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
-def run_cell(path: Path, fn: Callable[[], dict[str, float]], meta: dict[str, Any], rerun_failed: bool) -> dict[str, Any]:
-    """Run `fn` unless `path` already holds a finished cell; store the result (or the error) at once."""
+def run_cell(path: Path, meta: dict[str, Any], identity: dict[str, Any], work: Path,
+             compute: Callable[[], tuple[str, dict[str, float], dict[str, Any]]], keep_stale: bool,
+             rerun_failed: bool) -> dict[str, Any]:
+    """The cell at `path` as computing it now would give: the stored one when its hashes match `identity`
+    (unless it failed and `rerun_failed`), else `compute()` run in `work` and stored at once, with its provenance
+    (or its error). With `keep_stale` a stale stored cell is returned instead of recomputed."""
     label = f"{meta['task']} {meta['start']} seed {meta['seed']}"
     if path.exists():
-        cell = json.loads(path.read_text())
-        if cell["status"] == "ok" or not rerun_failed:
-            print(f"[skip] {label}: already {cell['status']}", flush=True)
+        cell = _read_cell(path)
+        if cell is None:
+            if keep_stale:
+                raise SystemExit(f"{path} {NO_PROVENANCE}: it cannot be kept. Delete it, or run without --keep-stale "
+                                 f"to recompute it.")
+            print(f"[redo] {label}: {path} {NO_PROVENANCE}", flush=True)
+        elif (why := stale_reason(cell, identity)) is None:
+            if cell["status"] != "error" or not rerun_failed:
+                print(f"[skip] {label}: already {cell['status']}", flush=True)
+                return cell
+        elif keep_stale:
+            print(f"[keep] {label}: stale ({why}), kept (--keep-stale)", flush=True)
             return cell
+        else:
+            print(f"[redo] {label}: stale ({why})", flush=True)
     print(f"[run ] {label}", flush=True)
     start = time.time()
     try:
-        cell = {"status": "ok", "metrics": fn()}
+        prepare_work_dir(work, identity)
+        status, scores, extra = compute()
+        cell = {"status": status, "scores": scores, **extra}
     except Exception as err:  # noqa: BLE001 - one failing cell must not stop the others
         cell = {"status": "error", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
         print(f"[fail] {label}: {cell['error']}", flush=True)
-    cell.update(meta, seconds=round(time.time() - start, 1))
+    cell = {**meta, **cell, "seconds": round(time.time() - start, 1),
+            "provenance": {"commit": git_commit(), "config_hash": identity["config_hash"],
+                           "code_hash": identity["code_hash"], "versions": package_versions()},
+            "config": identity["config"]}
     _write_json(path, cell)
     return cell
 
 
-def pretrain_variant(run: dict[str, Any], variant: str, seed: int) -> dict[str, float]:
-    cfg = PretrainConfig(**{**run["preset"]["pretrain"], **VARIANTS[variant]}, name=f"{variant}-seed{seed}",
-                         output_dir=str(run["work"] / "pretrain"), data=run["data"], data_cache=run["data_cache"],
-                         seed=seed, resume=True,
-                         **({"builtin_images": run["preset"]["data"]["builtin_images"]}
-                            if "builtin_images" in run["preset"]["data"] else {}))
-    results = pretrain_main(cfg)
-    return {k: float(v) for k, v in results.items() if isinstance(v, (int, float))}
+def _cell_files(out: Path) -> list[Path]:
+    """cells/pretrain/<variant>.json and cells/<task>/<start>/seed<k>.json."""
+    return sorted(out.glob("cells/*/*.json")) + sorted(out.glob("cells/*/*/*.json"))
+
+
+def cell_work(run: dict[str, Any], task: str, start: str, seed: int) -> Path:
+    """Where a cell's full outputs go (checkpoints, indexes, galleries): under --work, never in results/."""
+    if task == "pretrain":
+        return run["work"] / "pretrain" / f"{start}-seed{seed}"
+    return run["work"] / task / start / f"seed{seed}"
+
+
+def known_starts(run: dict[str, Any], pretrain_ids: dict[str, dict[str, Any]], torchvision: str,
+                 task: str) -> dict[str, tuple[str, dict[str, str] | None]]:
+    """Every start of `task` this run knows: table name -> (--init value, the init a cell's identity names;
+    for a pretrained start, the pretraining cell's hashes as it would be now)."""
+    starts: dict[str, tuple[str, dict[str, str] | None]] = {
+        v: (str(cell_work(run, "pretrain", v, 0)), pretrained_start(v, pretrain_ids[v])) for v in VARIANTS}
+    starts.update({b: (b, None) for b in BASELINES})
+    if torchvision:
+        starts["torchvision"] = (f"torchvision:{torchvision}", None)
+    if task == "retrieve":
+        starts["hog"] = ("hog", None)  # the non-learned baseline of Table 1
+    return starts
+
+
+def judge_cells(out: Path, identity_of: Callable[[str, str, int], dict[str, Any] | None]
+                ) -> tuple[list[dict[str, Any]], list[Path]]:
+    """Every stored cell, each with "stale" (why it is not what computing it now would give; None when it is)
+    and "path" (under `out`) added; and the cell files refused because they carry no provenance."""
+    cells, refused = [], []
+    for path in _cell_files(out):
+        cell = _read_cell(path)
+        if cell is None:
+            refused.append(path)
+            continue
+        identity = identity_of(cell["task"], cell["start"], cell["seed"])
+        cell["stale"] = ("this run cannot rebuild its config (its task or start is not part of this run)"
+                         if identity is None else stale_reason(cell, identity))
+        cell["path"] = path.relative_to(out).as_posix()
+        cells.append(cell)
+    return cells, refused
 
 
 # ----------------------------------------------------------------------------------------------- tables
@@ -209,52 +403,65 @@ def _save_table(df: pd.DataFrame, path: Path, title: str, note: str) -> None:
     path.with_suffix(".md").write_text(f"# {title}\n\n{note}\n\n{df.to_markdown()}\n")
 
 
+def _results(cells: list[dict[str, Any]], task: str, start: str) -> list[dict[str, Any]]:
+    """The cells of (task, start) that hold a result: every seed, ok or collapsed (not the failed ones)."""
+    return [c for c in cells if c["task"] == task and c["start"] == start and c["status"] in RESULT_STATUSES]
+
+
+def table_entry(cells: list[dict[str, Any]], task: str, start: str, key: str, scale: float = 100.0) -> str:
+    """Mean ± sample std over the seeds of score `key`. When a seed collapsed, "collapsed" (in k of n seeds), never
+    a number: a mean over the other seeds would hide it. " (stale)" when a seed's cell is stale (--keep-stale)."""
+    group = [c for c in _results(cells, task, start) if c["status"] == "collapsed" or key in c["scores"]]
+    if not group:
+        return "–"
+    collapsed = sum(c["status"] == "collapsed" for c in group)
+    if collapsed:
+        text = "collapsed" if collapsed == len(group) else f"collapsed in {collapsed} of {len(group)} seeds"
+    else:
+        text = _mean_std([c["scores"][key] for c in group], scale)
+    return text + (" (stale)" if any(c["stale"] for c in group) else "")
+
+
 def build_tables(cells: list[dict[str, Any]], starts: list[str], out: Path, data_label: str) -> dict[str, Path]:
-    """results/transfer.*, probes.* (+ png), inpainting.* from the stored cells."""
-    ok = [c for c in cells if c.get("status") == "ok"]
-
-    def values(task: str, start: str, key: str) -> list[float]:
-        return [c["metrics"].get(key) for c in ok if c["task"] == task and c["start"] == start and key in c["metrics"]]
-
-    def has(tasks: tuple[str, ...], start: str) -> bool:
-        return any(c["start"] == start and c["task"] in tasks for c in ok)
-
+    """results/transfer.*, probes.* (+ png), inpainting.* from the stored cells (each with its "stale" verdict)."""
     written: dict[str, Path] = {}
-    rows = {s: {"classification mAP (VOC07 11-pt)": _mean_std(values("classify", s, "mAP_11point")),
-                "detection mAP@0.5 (VOC07 11-pt)": _mean_std(values("detect", s, "mAP_11point")),
-                "segmentation mIoU": _mean_std(values("segment", s, "mIoU")),
-                "seeds": max((len(values(t, s, k)) for t, k in (("classify", "mAP_11point"), ("detect", "mAP_11point"),
-                                                                 ("segment", "mIoU"))), default=0)}
-            for s in starts if has(("classify", "detect", "segment"), s)}
+    rows = {s: {"classification mAP (VOC07 11-pt)": table_entry(cells, "classify", s, "mAP_11point"),
+                "detection mAP@0.5 (VOC07 11-pt)": table_entry(cells, "detect", s, "mAP_11point"),
+                "segmentation mIoU": table_entry(cells, "segment", s, "mIoU"),
+                "seeds": max(len(_results(cells, t, s)) for t in ("classify", "detect", "segment"))}
+            for s in starts if any(_results(cells, t, s) for t in ("classify", "detect", "segment"))}
     for name, cls_, det, seg in PAPER_TABLE2:
         rows[name] = {"classification mAP (VOC07 11-pt)": f"{cls_:.1f}", "detection mAP@0.5 (VOC07 11-pt)": f"{det:.1f}",
                       "segmentation mIoU": f"{seg:.1f}", "seeds": "–"}
     transfer_df = pd.DataFrame.from_dict(rows, orient="index")
     transfer_df.index.name = "start"
     _save_table(transfer_df, out / "transfer", f"Transfer (Table 2 layout) on {data_label}",
-                "Mean ± sample std over seeds, in %. Rows marked [published] are the paper's ImageNet-scale AlexNet "
-                "numbers on VOC2007/2012, for reference only: they are not comparable to this data's scale.")
+                "Mean ± sample std over seeds, in %; \"collapsed\": the task judged a seed's model collapsed (the "
+                "summary names each), \"(stale)\": computed by other code or options than the current ones. Rows "
+                "marked [published] are the paper's ImageNet-scale AlexNet numbers on VOC2007/2012, for reference "
+                "only: they are not comparable to this data's scale.")
     written["transfer"] = out / "transfer.md"
 
     layers = ["conv1", "conv2", "conv3", "conv4", "conv5", "pool5"]
-    probe_rows = {s: {layer: _mean_std(values("probe", s, f"{layer}/svm_mAP_11point")) for layer in layers}
-                  for s in starts if has(("probe",), s)}
+    probe_rows = {s: {layer: table_entry(cells, "probe", s, f"{layer}/svm_mAP_11point") for layer in layers}
+                  for s in starts if _results(cells, "probe", s)}
     probe_df = pd.DataFrame.from_dict(probe_rows, orient="index")
     probe_df.index.name = "start"
     _save_table(probe_df, out / "probes", f"Frozen linear-SVM probes per layer on {data_label}",
                 "VOC07 11-point mAP (%) of per-class linear SVMs on average-pooled frozen features (Goyal et al. 2019 "
                 "settings), mean ± std over seeds.")
     written["probes"] = out / "probes.md"
-    _plot_probes(starts, layers, values, out / "probes.png", data_label)
+    _plot_probes(cells, starts, layers, out / "probes.png", data_label)
 
     inp_rows: dict[str, dict[str, str]] = {}
 
     def inpainting_row(start: str, prefix: str = "") -> dict[str, str] | None:
-        l1, l2, psnr = (values("retrieve", start, prefix + k) for k in ("l1", "l2", "psnr"))
-        if not l1:
+        if not any(prefix + "l1" in c["scores"] or c["status"] == "collapsed" for c in _results(cells, "retrieve", start)):
             return None
-        return {"mean L1 (%)": _mean_std(l1), "mean L2 (%)": _mean_std(l2), "PSNR (dB)": _mean_std(psnr, 1.0),
-                "patch precision@k (%)": _mean_std(values("retrieve", start, "precision_at_k"))}
+        return {"mean L1 (%)": table_entry(cells, "retrieve", start, prefix + "l1"),
+                "mean L2 (%)": table_entry(cells, "retrieve", start, prefix + "l2"),
+                "PSNR (dB)": table_entry(cells, "retrieve", start, prefix + "psnr", 1.0),
+                "patch precision@k (%)": table_entry(cells, "retrieve", start, "precision_at_k") if not prefix else "–"}
 
     for s in starts:
         row = inpainting_row(s)
@@ -263,24 +470,25 @@ def build_tables(cells: list[dict[str, Any]], starts: list[str], out: Path, data
     for s in starts:
         row = inpainting_row(s, "ce_")
         if row:
-            inp_rows[f"context encoder {s}, own fill (centre hole)"] = {**row, "patch precision@k (%)": "–"}
+            inp_rows[f"context encoder {s}, own fill (centre hole)"] = row
     for s in starts:  # the same for every start: the mean colour of the same queries' contexts
         row = inpainting_row(s, "mean_fill_")
         if row:
-            inp_rows["mean-colour fill (centre hole)"] = {**row, "patch precision@k (%)": "–"}
+            inp_rows["mean-colour fill (centre hole)"] = row
             break
     holes = {"random_region": "random-region holes", "random_block": "random blocks", "center": "centre hole",
              "none": "whole image"}  # what each variant's held-out pretraining evaluation scores
-    for c in ok:
-        if c["task"] == "pretrain":
-            m = c["metrics"]
+    for c in cells:
+        if c["task"] == "pretrain" and c["status"] == "ok":
             hole = holes.get(VARIANTS.get(c["start"], {}).get("mask", "random_region"), "holes")
-            inp_rows[f"context encoder {c['start']}, own fill ({hole}, held out)"] = {
-                "mean L1 (%)": _mean_std([m["l1"]]), "mean L2 (%)": _mean_std([m["l2"]]),
-                "PSNR (dB)": _mean_std([m["psnr"]], 1.0), "patch precision@k (%)": "–"}
+            own = {"mean L1 (%)": table_entry([c], "pretrain", c["start"], "l1"),
+                   "mean L2 (%)": table_entry([c], "pretrain", c["start"], "l2"),
+                   "PSNR (dB)": table_entry([c], "pretrain", c["start"], "psnr", 1.0), "patch precision@k (%)": "–"}
+            inp_rows[f"context encoder {c['start']}, own fill ({hole}, held out)"] = own
             inp_rows.setdefault(f"mean-colour fill ({hole}, held out)", {
-                "mean L1 (%)": _mean_std([m["mean_fill_l1"]]), "mean L2 (%)": _mean_std([m["mean_fill_l2"]]),
-                "PSNR (dB)": _mean_std([m["mean_fill_psnr"]], 1.0), "patch precision@k (%)": "–"})
+                "mean L1 (%)": table_entry([c], "pretrain", c["start"], "mean_fill_l1"),
+                "mean L2 (%)": table_entry([c], "pretrain", c["start"], "mean_fill_l2"),
+                "PSNR (dB)": table_entry([c], "pretrain", c["start"], "mean_fill_psnr", 1.0), "patch precision@k (%)": "–"})
     for name, l1, l2, psnr in PAPER_TABLE1:
         inp_rows[name] = {"mean L1 (%)": f"{l1:.2f}", "mean L2 (%)": f"{l2:.2f}", "PSNR (dB)": f"{psnr:.2f}",
                           "patch precision@k (%)": "–"}
@@ -294,7 +502,8 @@ def build_tables(cells: list[dict[str, Any]], starts: list[str], out: Path, data
     return written
 
 
-def _plot_probes(starts, layers, values, path: Path, data_label: str) -> None:
+def _plot_probes(cells: list[dict[str, Any]], starts: list[str], layers: list[str], path: Path, data_label: str) -> None:
+    """Mean SVM probe mAP per layer for each start (collapsed seeds left out; a stale start's label says so)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -302,15 +511,18 @@ def _plot_probes(starts, layers, values, path: Path, data_label: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for s in starts:
-        means = [np.mean(v) * 100 if (v := [x for x in values("probe", s, f"{layer}/svm_mAP_11point") if x is not None])
-                 else np.nan for layer in layers]
+        ok = [c for c in _results(cells, "probe", s) if c["status"] == "ok"]
+        means = [np.mean(v) * 100 if (v := [c["scores"][f"{layer}/svm_mAP_11point"] for c in ok
+                                             if f"{layer}/svm_mAP_11point" in c["scores"]]) else np.nan
+                 for layer in layers]
         if not all(np.isnan(means)):
-            ax.plot(layers, means, marker="o", label=s)
+            ax.plot(layers, means, marker="o", label=s + (" (stale)" if any(c["stale"] for c in ok) else ""))
     ax.set_xlabel("layer")
     ax.set_ylabel("linear-SVM mAP (%)")
     ax.set_title(f"Frozen probes per layer ({data_label})")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.lines:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -318,18 +530,9 @@ def _plot_probes(starts, layers, values, path: Path, data_label: str) -> None:
 
 def environment() -> dict[str, str]:
     import torch
-    import torchvision
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-    except OSError:
-        commit, dirty = "unknown", ""
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "device": "cuda" if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
-            "machine": platform.machine(), "git commit": commit + (" (with uncommitted changes)" if dirty else "")}
+    return {**package_versions(), "device": "cuda" if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
+            "machine": platform.machine(), "git commit": git_commit()}
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -354,7 +557,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--only", nargs="*", default=[], help="variants=.. tasks=.. seeds=.. starts=.. filters")
     parser.add_argument("--torchvision", default="", help="a local torchvision AlexNet state dict: adds that start")
     parser.add_argument("--rerun-failed", action="store_true", help="retry cells stored as errors")
+    parser.add_argument("--keep-stale", action="store_true",
+                        help="keep stored cells computed by other code or options than now (stale) instead of recomputing "
+                             "them; the tables mark them and the summary lists them")
     args = parser.parse_args(argv)
+    argv_used = list(sys.argv[1:] if argv is None else argv)
 
     t0 = time.time()
     out = Path(args.out)
@@ -366,46 +573,63 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seeds = [int(s) for s in only.get("seeds", range(args.seeds))]
     work = Path(args.work) if args.work else Path("runs") / "benchmark" / out.name
     run = {"preset": PRESETS[preset_name], "data": args.data, "data_cache": args.data_cache, "out": out, "work": work}
-    baselines = list(BASELINES) + ([f"torchvision:{args.torchvision}"] if args.torchvision else [])
+    # What each pretraining cell would be now; transfer cells on a pretrained start name it by these hashes.
+    pretrain_ids = {v: cell_identity("pretrain", pretrain_config(run, v, 0)) for v in VARIANTS}
 
-    starts: dict[str, str] = {}  # table name -> --init value
+    starts: dict[str, tuple[str, dict[str, str] | None]] = {}  # name -> (--init value, init in the cell identity)
     for variant in variants:
         # One pretraining per variant (seed 0); the transfer seeds vary the fine-tuning, as in the paper.
-        cell = run_cell(out / "cells" / "pretrain" / f"{variant}.json", lambda v=variant: pretrain_variant(run, v, 0),
-                        {"task": "pretrain", "start": variant, "seed": 0}, args.rerun_failed)
-        if cell["status"] == "ok":
-            starts[variant] = str(run["work"] / "pretrain" / f"{variant}-seed0")
-    for b in baselines:
-        starts["torchvision" if b.startswith("torchvision:") else b] = b
-    if "starts" in only:
-        starts = {k: v for k, v in starts.items() if k in only["starts"]}
+        cfg = pretrain_config(run, variant, 0)
+        cell = run_cell(out / "cells" / "pretrain" / f"{variant}.json", {"task": "pretrain", "start": variant, "seed": 0},
+                        pretrain_ids[variant], cell_work(run, "pretrain", variant, 0), lambda c=cfg: pretrain_variant(c),
+                        args.keep_stale, args.rerun_failed)
+        if cell["status"] == "ok":  # a kept stale pretraining: its transfer cells name it, so they show as stale too
+            starts[variant] = (str(cell_work(run, "pretrain", variant, 0)), pretrained_start(variant, cell["provenance"]))
     for task in tasks:
-        task_starts = dict(starts)
-        if task == "retrieve":
-            task_starts["hog"] = "hog"  # the non-learned baseline of Table 1
-        for name, init in task_starts.items():
+        known = known_starts(run, pretrain_ids, args.torchvision, task)
+        # pretrained starts as this run's pretraining cells are; baselines (and retrieval's HOG) as known
+        task_starts = {**starts, **{name: v for name, v in known.items() if name not in VARIANTS}}
+        if "starts" in only:
+            task_starts = {k: v for k, v in task_starts.items() if k in only["starts"]}
+        for name, (init, init_id) in task_starts.items():
             for seed in seeds if task != "retrieve" else seeds[:1]:  # retrieval is deterministic given the init
-                path = out / "cells" / task / name / f"seed{seed}.json"
-                work = run["work"] / task / name / f"seed{seed}"  # checkpoints, indexes, galleries: not in results/
-                run_cell(path, lambda t=task, i=init, s=seed, w=work: TASKS[t](run, i, s, w),
-                         {"task": task, "start": name, "seed": seed}, args.rerun_failed)
+                folder = cell_work(run, task, name, seed)
+                cfg = task_config(run, task, init, seed, folder)
+                run_cell(out / "cells" / task / name / f"seed{seed}.json", {"task": task, "start": name, "seed": seed},
+                         cell_identity(task, cfg, init_id), folder, lambda t=task, c=cfg: run_task(t, c),
+                         args.keep_stale, args.rerun_failed)
 
-    # Tables come from every cell on disk, so separate invocations (e.g. --only variants=...) add up.
-    cells = [json.loads(p.read_text()) for p in sorted(out.glob("cells/*/*.json")) + sorted(out.glob("cells/*/*/*.json"))]
+    # Tables come from every cell on disk, so separate invocations (e.g. --only variants=...) add up; each is
+    # judged against what it would be now.
+    def identity_now(task: str, start: str, seed: int) -> dict[str, Any] | None:
+        if task == "pretrain":
+            return pretrain_ids.get(start)
+        known = known_starts(run, pretrain_ids, args.torchvision, task) if task in TASKS else {}
+        if start not in known:
+            return None
+        init, init_id = known[start]
+        return cell_identity(task, task_config(run, task, init, seed, cell_work(run, task, start, seed)), init_id)
+
+    cells, refused = judge_cells(out, identity_now)
     data_label = "the built-in data" if args.data == "builtin" else Path(args.data).name
     order = list(VARIANTS) + ["random", "rescaled", "torchvision", "hog"]
     table_starts = sorted({c["start"] for c in cells}, key=lambda s: order.index(s) if s in order else len(order))
     written = build_tables(cells, table_starts, out, data_label)
-    failed = [c for c in cells if c.get("status") != "ok"]
     wall = time.time() - t0
-    write_summary(out, written, cells, failed, wall, args, preset_name, data_label,
-                  None if argv is None else "python benchmarks/run_all.py " + " ".join(argv))
+    record_invocation(out, argv_used, preset_name, wall)
+    write_summary(out, written, cells, refused, args)
     for name in ("transfer", "probes", "inpainting"):
         print((out / f"{name}.md").read_text())
-    print(f"{len(cells)} cells ({len(failed)} failed) in {wall / 60:.1f} min -> {out}/summary.md")
-    return {"cells": cells, "failed": failed, "wall_seconds": wall}
+    failed = [c for c in cells if c["status"] == "error"]
+    stale = [c for c in cells if c["stale"]]
+    collapsed = [c for c in cells if c["status"] == "collapsed"]
+    print(f"{len(cells)} cells ({len(failed)} failed, {len(collapsed)} collapsed, {len(stale)} stale, "
+          f"{len(refused)} files refused) in {wall / 60:.1f} min -> {out}/summary.md")
+    return {"cells": cells, "failed": failed, "stale": stale, "collapsed": collapsed, "refused": refused,
+            "wall_seconds": wall}
 
 
+# ----------------------------------------------------------------------------------------------- summary
 def compute_by_task(cells: list[dict[str, Any]], seeds: int) -> list[str]:
     """Measured minutes per task, and what a run of every cell from scratch costs at those rates."""
     lines = ["## Compute", "", "| task | cells timed | minutes | minutes per cell | cells in a full run | "
@@ -415,7 +639,7 @@ def compute_by_task(cells: list[dict[str, Any]], seeds: int) -> list[str]:
     total_estimate = 0.0
     for task in ["pretrain", *TASKS]:
         # the median, so a cell that only re-evaluated a reused pretraining run does not skew the rate
-        secs = [c["seconds"] for c in cells if c["task"] == task and c.get("status") == "ok" and "seconds" in c]
+        secs = [c["seconds"] for c in cells if c["task"] == task and c["status"] in RESULT_STATUSES and "seconds" in c]
         if not secs:
             continue
         per_cell = float(np.median(secs)) / 60
@@ -427,33 +651,81 @@ def compute_by_task(cells: list[dict[str, Any]], seeds: int) -> list[str]:
     return lines
 
 
-def write_summary(out: Path, written: dict[str, Path], cells, failed, wall: float, args, preset: str,
-                  data_label: str, argv_used: str | None = None) -> None:
-    env = environment()
-    command = "python benchmarks/run_all.py " + " ".join(sys.argv[1:]) if argv_used is None else argv_used
-    log_path = out / "cells" / "invocations.jsonl"  # every invocation that added cells, in order
+def _portable_arg(arg: str) -> str:
+    """A command-line word with an absolute path in it (`/x`, `--flag=/x`) rewritten relative to the working directory."""
+    flag, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+    return flag + eq + _portable(value)
+
+
+def record_invocation(out: Path, argv: list[str], preset: str, wall: float) -> None:
+    """Append this invocation to <out>/cells/invocations.jsonl: the log of the runs that made the cells."""
+    log_path = out / "cells" / "invocations.jsonl"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
-        log.write(json.dumps({"command": command.strip(), "preset": preset, "minutes": round(wall / 60, 1),
+        log.write(json.dumps({"argv": [_portable_arg(a) for a in argv], "preset": preset, "minutes": round(wall / 60, 1),
                               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
-    invocations = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+
+
+def read_invocations(out: Path) -> list[dict[str, Any]]:
+    """The runner's own records in <out>/cells/invocations.jsonl; lines it did not write are left out."""
+    log_path = out / "cells" / "invocations.jsonl"
+    records = []
+    for line in log_path.read_text().splitlines() if log_path.exists() else []:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if (isinstance(entry, dict) and isinstance(entry.get("argv"), list) and all(isinstance(a, str) for a in entry["argv"])
+                and {"preset", "minutes", "finished"} <= set(entry)):
+            records.append(entry)
+    return records
+
+
+def _cell_name(c: dict[str, Any]) -> str:
+    return f"{c['task']} {c['start']}" + ("" if c["task"] == "pretrain" else f" seed {c['seed']}")
+
+
+def write_summary(out: Path, written: dict[str, Path], cells: list[dict[str, Any]], refused: list[Path], args) -> None:
+    env = environment()
+    invocations = read_invocations(out)
     total = sum(c.get("seconds", 0) for c in cells) / 60
-    lines = [f"# ctxenc results on {data_label}", "",
+    lines = [f"# ctxenc results on {'the built-in data' if args.data == 'builtin' else Path(args.data).name}", "",
              f"Produced by these invocations (each reuses the cells the earlier ones finished); the cells' own "
              f"compute adds up to {total:.1f} min:", ""]
-    lines += [f"- `{i['command']}` (preset `{i['preset']}`, {i['minutes']} min, finished {i['finished']})"
-              for i in invocations]
+    lines += [f"- `{shlex.join(['python', 'benchmarks/run_all.py', *i['argv']])}` (preset `{i['preset']}`, "
+              f"{i['minutes']} min, finished {i['finished']})" for i in invocations]
     lines += ["", *compute_by_task(cells, args.seeds), "", "## Tables", ""]
     lines += [f"- [{name}]({p.name}) ([csv]({p.with_suffix('.csv').name}))" for name, p in written.items()]
     if (out / "probes.png").exists():
         lines += ["", "![probes](probes.png)"]
     lines += ["", "## Environment", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in env.items()]
-    lines += [f"| data | {args.data} |", "", "## Cells", "",
-              f"{len(cells)} cells, {len(failed)} failed. Each cell's numbers are in `cells/<task>/<start>/seed<k>.json`; "
-              "its full outputs (config.json, metrics.json, per-class CSV, pictures, checkpoints) were written under "
-              "`runs/benchmark/` on the machine that ran it.", ""]
-    lines += ["| task | start | seed | status | seconds |", "|---|---|---|---|---|"]
-    lines += [f"| {c['task']} | {c['start']} | {c['seed']} | {c['status']}"
-              f"{': ' + c['error'][:120] if c.get('status') != 'ok' else ''} | {c.get('seconds', '')} |" for c in cells]
+    lines += [f"| data | {_portable(args.data)} |"]
+
+    failed = [c for c in cells if c["status"] == "error"]
+    collapsed = [c for c in cells if c["status"] == "collapsed"]
+    stale = [c for c in cells if c["stale"]]
+    lines += ["", "## Cells", "",
+              f"{len(cells)} cells: {len(cells) - len(failed) - len(collapsed)} ok, {len(collapsed)} collapsed, "
+              f"{len(failed)} failed; {len(stale)} of them stale; {len(refused)} cell files refused. Each cell's "
+              "numbers and provenance (git commit, config and code hashes, package versions) are in "
+              "`cells/<task>/<start>/seed<k>.json`; its full outputs (metrics.json, per-class CSV, pictures, "
+              "checkpoints) were written under `runs/benchmark/` on the machine that ran it.", ""]
+    if collapsed:
+        lines += ["Collapsed (shown as \"collapsed\" in the tables, never as a number):", ""]
+        lines += [f"- {_cell_name(c)}: {c.get('collapse_reason', '')}" for c in collapsed] + [""]
+    if stale:
+        lines += ["Stale: computed by other code or options than now (marked \"(stale)\" in the tables). Rerun "
+                  "without --keep-stale, with an --only that includes them, to recompute them:", ""]
+        lines += [f"- {_cell_name(c)} (`{c['path']}`): {c['stale']}" for c in stale] + [""]
+    if refused:
+        lines += [f"Refused: these files {NO_PROVENANCE}; they are left out of the tables. Rerun without "
+                  "--keep-stale, with an --only that includes them, to recompute them, or delete them:", ""]
+        lines += [f"- `{p.relative_to(out).as_posix()}`" for p in refused] + [""]
+    lines += ["| task | start | seed | status | seconds | commit |", "|---|---|---|---|---|---|"]
+    for c in cells:
+        status = c["status"] + (": " + c["error"][:120] if c["status"] == "error" else "") + (" (stale)" if c["stale"] else "")
+        lines.append(f"| {c['task']} | {c['start']} | {c['seed']} | {status} | {c.get('seconds', '')} | "
+                     f"{c['provenance']['commit'][:12]}{'+dirty' if c['provenance']['commit'].endswith('+dirty') else ''} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 

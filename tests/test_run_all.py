@@ -68,3 +68,5 @@ def test_quick_run_makes_every_table_and_resumes_after_a_kill(tmp_path):
     assert "from scratch" in summary
     cells = [json.loads(p.read_text()) for p in _cell_files(out)]
     assert all(c["status"] == "ok" for c in cells)
+    assert not result["stale"] and not result["refused"]
+    assert all(c["provenance"]["code_hash"] == run_all.code_hash(c["task"]) for c in cells)

@@ -1,0 +1,258 @@
+"""benchmarks/run_all.py's cells: provenance, stale cells recomputed or kept, refused files, collapsed results,
+the task-result reader, the invocation log. Fast: the tasks are stand-ins that write the common metrics.json."""
+import ast
+import inspect
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import run_all  # noqa: E402
+
+from pretrain.provenance import config_hash, git_commit, package_versions  # noqa: E402
+
+CLASSIFY_COLUMN = "classification mAP (VOC07 11-pt)"
+
+
+@dataclass
+class FakeConfig:
+    init: str = "random"
+    data: str = "builtin"
+    data_cache: str = ""
+    seed: int = 0
+    lr: float = 0.1  # the stand-in's score; above 1 it reports a collapse
+    out: str = ""
+
+
+def header(task: str = "classify", status: str = "ok", scores: dict | None = None, **fields) -> dict:
+    return {"task": task, "init": "random", "init_label": "random", "seed": 0, "data": "builtin", "commit": "abc",
+            "config_hash": "0123", "versions": {"python": "3"}, "wall_seconds": 1.0, "checkpoint": None,
+            "status": status, "collapse_reason": "one class takes 99% of predicted pixels" if status == "collapsed" else None,
+            "scores": {"mAP_11point": 0.41, "mAP_all_point": 0.43} if scores is None else scores, **fields}
+
+
+class Bench:
+    """run_all with a stand-in classify task (and a stand-in pretraining), counting what each run computed."""
+
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+        self.tmp, self.calls, self.pretrainings = tmp_path, [], []
+        self.code = tmp_path / "fake_task.py"  # the stand-in task's "code": editing it changes its code hash
+        self.code.write_text("version = 1\n")
+        monkeypatch.setattr(run_all, "TASKS", {"classify": (FakeConfig, self.classify_main)})
+        monkeypatch.setattr(run_all, "TASK_SOURCES", {"classify": (str(self.code),), "pretrain": (str(self.code),)})
+        monkeypatch.setattr(run_all, "VARIANTS", {"ce-fake": {"mask": "center", "lambda_adv": 0.0}})
+        monkeypatch.setattr(run_all, "pretrain_main", self.pretrain_main)
+        monkeypatch.setitem(run_all.PRESETS, "quick", {"data": {}, "pretrain": {"steps": 3}, "classify": {"lr": 0.1}})
+        self.out = tmp_path / "results"
+
+    def classify_main(self, cfg: FakeConfig) -> dict:
+        self.calls.append((cfg.init, cfg.seed))
+        status = "collapsed" if cfg.lr > 1 else "ok"
+        metrics = header(status=status, scores={"mAP_11point": cfg.lr, "mAP_all_point": cfg.lr}, init=cfg.init,
+                         seed=cfg.seed, commit=git_commit(), config_hash=config_hash(cfg, ("out",)),
+                         versions=package_versions())
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / "metrics.json").write_text(json.dumps(metrics))
+        return metrics
+
+    def pretrain_main(self, cfg) -> dict:
+        self.pretrainings.append(cfg.mask)
+        return {"l1": 0.1, "l2": 0.02, "psnr": 16.0, "mean_fill_l1": 0.12, "mean_fill_l2": 0.03, "mean_fill_psnr": 15.0}
+
+    def run(self, *extra: str, starts: str = "random") -> dict:
+        return run_all.main(["--quick", "--seeds", "1", "--out", str(self.out), "--work", str(self.tmp / "work"),
+                             "--only", "tasks=classify", f"starts={starts}", *extra])
+
+    def cell(self, start: str = "random") -> dict:
+        return json.loads((self.out / "cells" / "classify" / start / "seed0.json").read_text())
+
+    def classify_entry(self, start: str = "random") -> str:
+        return str(pd.read_csv(self.out / "transfer.csv", index_col=0).loc[start, CLASSIFY_COLUMN])
+
+
+@pytest.fixture
+def bench(tmp_path, monkeypatch) -> Bench:
+    return Bench(tmp_path, monkeypatch)
+
+
+def test_a_cell_carries_its_provenance_and_a_rerun_reuses_it(bench):
+    bench.run()
+    cell = bench.cell()
+    assert cell["status"] == "ok" and cell["scores"] == {"mAP_11point": 0.1, "mAP_all_point": 0.1}
+    assert cell["provenance"]["commit"] == git_commit()
+    assert cell["provenance"]["code_hash"] == run_all.code_hash("classify")
+    assert cell["provenance"]["versions"] == package_versions()
+    assert cell["config"]["lr"] == 0.1 and "out" not in cell["config"]  # output paths are not part of the config hash
+    bench.run()
+    assert bench.calls == [("random", 0)]  # the second run computed nothing
+    assert bench.classify_entry() == "10.0"
+
+
+def test_a_changed_config_makes_the_cell_stale_and_it_is_recomputed(bench, monkeypatch):
+    bench.run()
+    monkeypatch.setitem(run_all.PRESETS["quick"], "classify", {"lr": 0.2})
+    result = bench.run()
+    assert len(bench.calls) == 2
+    assert bench.cell()["scores"]["mAP_11point"] == 0.2 and bench.cell()["config"]["lr"] == 0.2
+    assert not result["stale"] and bench.classify_entry() == "20.0"
+
+
+def test_a_changed_code_hash_makes_the_cell_stale_and_it_is_recomputed(bench):
+    bench.run()
+    old_hash = bench.cell()["provenance"]["code_hash"]
+    bench.code.write_text("version = 2\n")
+    bench.run()
+    assert len(bench.calls) == 2
+    assert bench.cell()["provenance"]["code_hash"] == run_all.code_hash("classify") != old_hash
+
+
+def test_keep_stale_keeps_the_cell_and_marks_it_in_the_tables_and_the_summary(bench, monkeypatch):
+    bench.run()
+    monkeypatch.setitem(run_all.PRESETS["quick"], "classify", {"lr": 0.2})
+    result = bench.run("--keep-stale")
+    assert len(bench.calls) == 1 and bench.cell()["scores"]["mAP_11point"] == 0.1
+    assert [c["path"] for c in result["stale"]] == ["cells/classify/random/seed0.json"]
+    assert bench.classify_entry() == "10.0 (stale)"
+    summary = (bench.out / "summary.md").read_text()
+    assert "- classify random seed 0 (`cells/classify/random/seed0.json`): config changed (lr: 0.1 -> 0.2)" in summary
+
+
+def test_a_changed_pretraining_is_recomputed_from_scratch_and_so_is_every_cell_on_it(bench, monkeypatch):
+    bench.run(starts="ce-fake")
+    assert bench.pretrainings == ["center"] and len(bench.calls) == 1
+    run_folder = bench.tmp / "work" / "pretrain" / "ce-fake-seed0"
+    (run_folder / "checkpoint-00000003.pth").write_bytes(b"from the old pretraining")
+    monkeypatch.setitem(run_all.VARIANTS, "ce-fake", {"mask": "random_block", "lambda_adv": 0.0})
+    bench.run(starts="ce-fake")
+    assert bench.pretrainings == ["center", "random_block"]
+    assert not (run_folder / "checkpoint-00000003.pth").exists()  # a stale checkpoint is never resumed
+    assert len(bench.calls) == 2  # the transfer cell names its pretraining's hashes, so it was stale too
+    assert bench.cell("ce-fake")["config"]["init"]["pretrain"] == "ce-fake"
+
+
+def test_a_cell_file_without_provenance_is_refused(bench):
+    old = {"status": "ok", "metrics": {"mAP_11point": 0.9}, "task": "classify", "start": "random", "seed": 0}
+    for start in ("random", "rescaled"):
+        (bench.out / "cells" / "classify" / start).mkdir(parents=True)
+        (bench.out / "cells" / "classify" / start / "seed0.json").write_text(json.dumps(old))
+    with pytest.raises(SystemExit, match=r"cells/classify/random/seed0.json has no provenance.*Delete it, or run without "
+                                         r"--keep-stale"):
+        bench.run("--keep-stale")
+    assert bench.calls == []
+    result = bench.run()  # planned (starts=random): recomputed; rescaled is not planned: refused, out of the tables
+    assert bench.calls == [("random", 0)] and "provenance" in bench.cell()
+    assert [p.name for p in result["refused"]] == ["seed0.json"] and result["refused"][0].parent.name == "rescaled"
+    assert "rescaled" not in pd.read_csv(bench.out / "transfer.csv", index_col=0).index
+    assert "- `cells/classify/rescaled/seed0.json`" in (bench.out / "summary.md").read_text()
+
+
+def test_a_collapsed_result_is_shown_as_collapsed_never_as_a_number(bench, monkeypatch):
+    monkeypatch.setitem(run_all.PRESETS["quick"], "classify", {"lr": 2.0})
+    result = bench.run()
+    assert bench.cell()["status"] == "collapsed" and len(result["collapsed"]) == 1
+    assert bench.classify_entry() == "collapsed"
+    assert "- classify random seed 0: one class takes 99% of predicted pixels" in (bench.out / "summary.md").read_text()
+
+
+def test_one_collapsed_seed_of_several_hides_the_mean():
+    cells = [{"task": "segment", "start": "random", "status": s, "scores": {"mIoU": 0.3}, "stale": None}
+             for s in ("ok", "collapsed", "ok")]
+    assert run_all.table_entry(cells, "segment", "random", "mIoU") == "collapsed in 1 of 3 seeds"
+    assert run_all.table_entry([cells[0], cells[2]], "segment", "random", "mIoU") == "30.0 ± 0.0"
+
+
+def test_the_summary_renders_only_the_invocations_the_runner_recorded(bench):
+    log = bench.out / "cells" / "invocations.jsonl"
+    log.parent.mkdir(parents=True)
+    log.write_text(json.dumps({"command": "cp -r runs/default runs/elsewhere", "preset": "full", "minutes": 0.0,
+                               "finished": "2026-01-01 00:00:00"}) + "\n# a note\n")
+    bench.run()
+    records = run_all.read_invocations(bench.out)
+    assert len(records) == 1 and records[0]["argv"][:3] == ["--quick", "--seeds", "1"]
+    assert not any(a.startswith("/") for a in records[0]["argv"])  # --out and --work were absolute: now relative
+    summary = (bench.out / "summary.md").read_text()
+    assert "cp -r" not in summary and "a note" not in summary
+    assert "- `python benchmarks/run_all.py --quick --seeds 1 --out " in summary
+
+
+def test_read_task_result_reads_the_common_header(tmp_path):
+    path = tmp_path / "metrics.json"
+    scores = {"conv1/svm_mAP_11point": 0.2, "conv1/knn_mAP_11point": 0.1, "psnr": "inf", "recall": None}
+    path.write_text(json.dumps(header("probe", scores=scores, checkpoint={"path": "runs/x", "step": 380}, layers={})))
+    status, got, provenance = run_all.read_task_result(path)
+    assert status == "ok"
+    assert got["conv1/svm_mAP_11point"] == 0.2 and got["psnr"] == math.inf and math.isnan(got["recall"])
+    assert provenance["task"] == "probe" and provenance["checkpoint"] == {"path": "runs/x", "step": 380}
+    assert "scores" not in provenance and "layers" not in provenance
+
+    path.write_text(json.dumps(header("segment", status="collapsed")))
+    assert run_all.read_task_result(path)[0] == "collapsed"
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"mAP_11point": 0.4}, "lacks the common header field"),  # a metrics.json from before the header
+    (header(status="diverged"), "status 'diverged'"),
+    (header(status="collapsed", collapse_reason=None), "needs a collapse_reason"),
+    (header(scores={"per_class": {"cat": 0.1}}), "score 'per_class'"),
+])
+def test_read_task_result_refuses_a_bad_metrics_file_naming_it(tmp_path, bad, message):
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=message) as err:
+        run_all.read_task_result(path)
+    assert str(path) in str(err.value)
+
+
+def _project_imports(module: Path) -> set[str]:
+    """The project files `module` imports, directly or not (package __init__ files included)."""
+    def file_of(name: str) -> Path | None:
+        base = REPO.joinpath(*name.split("."))
+        return next((p for p in (base / "__init__.py", base.with_suffix(".py")) if p.is_file()), None)
+
+    todo, seen = [module], set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                if name.split(".")[0] in ("pretrain", "transfer"):
+                    parts = name.split(".")
+                    todo += [f for i in range(1, len(parts) + 1) if (f := file_of(".".join(parts[:i])))]
+    return {p.relative_to(REPO).as_posix() for p in seen}
+
+
+@pytest.mark.parametrize("task", ["pretrain", *run_all.TASKS])
+def test_task_sources_list_every_project_file_the_task_imports(task):
+    main = run_all.pretrain_main if task == "pretrain" else run_all.TASKS[task][1]
+    module = Path(inspect.getsourcefile(main))
+    assert set(run_all.TASK_SOURCES[task]) == _project_imports(module)
+
+
+# An absolute path starts a word (`runs/x/work/` is a relative one).
+ABSOLUTE_PATH = re.compile(rb"""(?:^|[\s"'`(=:,\[])(/(?:work|tmp|root|home)/[^\s"'`)]*)""", re.MULTILINE)
+
+
+def test_the_absolute_path_pattern_finds_paths_and_only_absolute_ones():
+    found = ABSOLUTE_PATH.findall(b'of /work/shared/data photos, "init": "/tmp/x", `--out=/home/me/r`, runs/e/work/pretrain')
+    assert found == [b"/work/shared/data", b"/tmp/x", b"/home/me/r"]
+
+
+def test_results_hold_no_absolute_machine_path():
+    offenders = [f"{p.relative_to(REPO)}: {m.decode()}" for p in sorted((REPO / "results").rglob("*")) if p.is_file()
+                 for m in ABSOLUTE_PATH.findall(p.read_bytes())]
+    assert not offenders, offenders
