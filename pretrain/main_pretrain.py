@@ -33,6 +33,7 @@ from pretrain.data import open_pretraining_images, skip_none_collate
 from pretrain.dataset import InpaintingDataset, StreamSampler
 from pretrain.distributed import all_reduce_mean, init_distributed, is_main_process
 from pretrain.engine import evaluate, save_sample_grid, train_step
+from pretrain.health import context_encoder_health, format_health
 from pretrain.inpaint128 import build_inpaint128
 from pretrain.masks import MASK_TYPES, shapes_from_segmentations
 from pretrain.models import ContextEncoder, Discriminator, build_encoder
@@ -263,14 +264,16 @@ def main(cfg: PretrainConfig) -> dict[str, float]:
     if main_proc:
         results = evaluate(model, val_loader, device, cfg.amp)
         results.update(step=max(start_step, end_step), train_minutes=(time.time() - start) / 60, skipped_images=skipped)
-        (run_dir / "eval.json").write_text(json.dumps(results, indent=2))
-        sample = next(b for b, _ in val_loader if b is not None)
-        sample = {k: v[:8] for k, v in sample.items()}
+        held_out = next(b for b, _ in val_loader if b is not None)
+        health = context_encoder_health(model, held_out["target"].to(device), seed=cfg.seed)  # unmasked images
+        (run_dir / "eval.json").write_text(json.dumps({**results, "feature_health": health} if health else results, indent=2))
+        sample = {k: v[:8] for k, v in held_out.items()}
         save_sample_grid(model, sample, run_dir / "samples" / f"step-{results['step']:08d}.png", device, cfg.amp)
         print(f"held-out ({n_val if not cfg.eval_images else min(n_val, cfg.eval_images)} images, over the hole): "
               f"L1 {100 * results['l1']:.2f}%  L2 {100 * results['l2']:.2f}%  PSNR {results['psnr']:.2f} dB | "
               f"mean-colour fill: L1 {100 * results['mean_fill_l1']:.2f}%  L2 {100 * results['mean_fill_l2']:.2f}%  "
               f"PSNR {results['mean_fill_psnr']:.2f} dB")
+        print(format_health(health) if health else f"feature health: AlexNet trunks only, skipped for {cfg.model}/{cfg.encoder}")
         if skipped:
             print(f"{skipped} unreadable image(s) were skipped (see the warnings above; --strict-images makes them fatal)")
         print(f"outputs in {run_dir}/")
