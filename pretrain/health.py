@@ -8,22 +8,17 @@ Per conv layer (a pool-free trunk's learned downsampling convs are the layers na
   constant input. A constant filter of n weights scores sqrt(n), a zero-sum one 0, a Gaussian one about
   sqrt(2/pi) = 0.8; filters that mostly measure their input's mean colour score high.
 
-Each figure sits beside two references of the same architecture, measured on the same images:
-- random: the project's random start (transfer.trunk.gaussian_init_: N(0, 0.01^2) weights, zero biases);
-- rescaled: those same weights after transfer.trunk.rescale_init_ (Krähenbühl et al.'s per-channel
-  rescaling on the given images). Every channel then has a zero-mean, unit-variance pre-activation, so
-  its dead fraction is the fair reference; its cosines and alignments equal random's (both are invariant
-  to scaling a filter by a positive number).
+Each figure sits beside the same figure for the project's random start of the same architecture
+(pretrain.models.gaussian_init_: N(0, 0.01^2) weights, zero biases), measured on the same images. (Its
+rescaled version is no extra reference: cosines and alignments do not change when a filter is scaled by a
+positive number, and after Krähenbühl's per-channel init no channel is dead by construction.)
 """
 from __future__ import annotations
-
-import copy
 
 import torch
 from torch import nn
 
-from pretrain.models import FEATURE_KEYS, AlexNetEncoder
-from transfer.trunk import gaussian_init_, rescale_init_
+from pretrain.models import FEATURE_KEYS, AlexNetEncoder, gaussian_init_
 
 HEALTH_METRICS = ("dead_fraction", "mean_abs_cos", "mean_alignment")
 
@@ -85,10 +80,9 @@ def random_reference(encoder: AlexNetEncoder, seed: int = 0) -> AlexNetEncoder:
 
 @torch.no_grad()
 def feature_health(encoder: AlexNetEncoder, images: torch.Tensor, seed: int = 0) -> dict[str, dict]:
-    """{conv key: {dead_fraction, mean_abs_cos, mean_alignment, random: {...}, rescaled: {...}}}, JSON-ready.
+    """{conv key: {dead_fraction, mean_abs_cos, mean_alignment, random: {...}}}, JSON-ready.
 
-    `images` (B, 3, H, W) are held-out, unmasked and normalised as the encoder's training input; B should be
-    large enough for the rescaled reference's per-channel statistics (the pretraining eval batch: 64).
+    `images` (B, 3, H, W) are held-out, unmasked and normalised as the encoder's training input.
     """
     if not isinstance(encoder, AlexNetEncoder):
         raise TypeError(f"feature_health covers AlexNet trunks (pretrain.models.AlexNetEncoder), not {type(encoder).__name__}")
@@ -99,10 +93,7 @@ def feature_health(encoder: AlexNetEncoder, images: torch.Tensor, seed: int = 0)
     encoder.train(was_training)
     random_trunk = random_reference(encoder, seed).to(images.device).eval()
     random = layer_health(random_trunk, images)
-    rescaled_trunk = copy.deepcopy(random_trunk)
-    rescale_init_(rescaled_trunk, images)
-    rescaled = layer_health(rescaled_trunk, images)
-    return {key: {**trained[key], "random": random[key], "rescaled": rescaled[key]} for key in trained}
+    return {key: {**trained[key], "random": random[key]} for key in trained}
 
 
 def context_encoder_health(model: nn.Module, images: torch.Tensor, seed: int = 0) -> dict[str, dict] | None:
@@ -112,11 +103,11 @@ def context_encoder_health(model: nn.Module, images: torch.Tensor, seed: int = 0
 
 
 def format_health(report: dict[str, dict]) -> str:
-    """An aligned terminal table: each metric for the trunk, the random start and the rescaled random start."""
-    header = (f"{'layer':<7} {'dead fraction':^23}   {'mean |cos| of filters':^23}   {'|sum w| / ||w||':^23}\n"
-              f"{'':<7} " + "   ".join([f"{'trunk':>7}{'random':>8}{'rescl':>8}"] * 3))
+    """An aligned terminal table: each metric for the trunk beside the random start's."""
+    header = (f"{'layer':<7} {'dead fraction':^15}   {'mean |cos| of filters':^21}   {'|sum w| / ||w||':^15}\n"
+              f"{'':<7} " + "   ".join([f"{'trunk':>7}{'random':>8}"] * 3))
     rows = [header]
     for key, m in report.items():
-        cells = [f"{m[name]:>7.3f}{m['random'][name]:>8.3f}{m['rescaled'][name]:>8.3f}" for name in HEALTH_METRICS]
+        cells = [f"{m[name]:>7.3f}{m['random'][name]:>8.3f}" for name in HEALTH_METRICS]
         rows.append(f"{key:<7} " + "   ".join(cells))
     return "\n".join(rows)

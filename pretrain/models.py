@@ -72,6 +72,14 @@ class AlexNetEncoder(nn.Module):
         return [feats[k] for k in out_feat_keys]
 
 
+def gaussian_init_(trunk: nn.Module, std: float = 0.01) -> None:
+    """Every conv weight ~ N(0, std^2), biases 0: the Caffe-era random start (the paper's Table 2 'random')."""
+    for m in trunk.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, 0.0, std)
+            nn.init.zeros_(m.bias)
+
+
 class TimmEncoder(nn.Module):
     """Any timm CNN's last feature map as the context encoder's trunk (random init, nothing downloaded)."""
 

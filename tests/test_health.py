@@ -9,8 +9,7 @@ import torch
 
 from pretrain.health import HEALTH_METRICS, feature_health, format_health, layer_health
 from pretrain.main_pretrain import PretrainConfig, main
-from pretrain.models import AlexNetEncoder
-from transfer.trunk import gaussian_init_
+from pretrain.models import AlexNetEncoder, gaussian_init_
 
 SMALL = 67  # the smallest input every caffe AlexNet layer maps to >= 1x1 (conv1 15x15 ... pool5 1x1)
 
@@ -79,12 +78,8 @@ def test_random_reference_is_the_seeded_gaussian_start_of_the_same_architecture(
     by_hand = layer_health(expected, images)
     for key, m in report.items():
         assert m["random"] == pytest.approx(by_hand[key]), key
-        # rescaling a filter by a positive number changes neither its cosines nor its alignment ...
-        assert m["rescaled"]["mean_abs_cos"] == pytest.approx(m["random"]["mean_abs_cos"], rel=1e-5), key
-        assert m["rescaled"]["mean_alignment"] == pytest.approx(m["random"]["mean_alignment"], rel=1e-5), key
-        # ... and Gaussian filters have E|sum w| / ||w|| = sqrt(2 / pi)
+        # Gaussian filters have E|sum w| / ||w|| = sqrt(2 / pi)
         assert m["random"]["mean_alignment"] == pytest.approx(math.sqrt(2 / math.pi), abs=0.15), key
-        assert m["rescaled"]["dead_fraction"] == 0, key  # zero-mean unit-variance pre-activations
     assert json.loads(json.dumps(report)) == report
 
 
@@ -94,7 +89,7 @@ def test_table_lists_every_layer_and_metric():
     assert len(table) == 2 + 5 and [line.split()[0] for line in table[2:]] == list(report)
     for line, m in zip(table[2:], report.values()):
         values = [float(v) for v in line.split()[1:]]
-        expected = [x for k in HEALTH_METRICS for x in (m[k], m["random"][k], m["rescaled"][k])]
+        expected = [x for k in HEALTH_METRICS for x in (m[k], m["random"][k])]
         assert values == pytest.approx(expected, abs=5e-4)
 
 
@@ -103,5 +98,5 @@ def test_pretraining_writes_feature_health_to_eval_json(tmp_path, tiny_voc, caps
                         eval_images=2, amp="none", channels_last=False, lambda_adv=0.0))
     health = json.loads((tmp_path / "h" / "eval.json").read_text())["feature_health"]
     assert list(health) == ["conv1", "conv2", "conv3", "conv4", "conv5"]
-    assert set(health["conv2"]) == {*HEALTH_METRICS, "random", "rescaled"}
+    assert set(health["conv2"]) == {*HEALTH_METRICS, "random"}
     assert "mean |cos|" in capsys.readouterr().out

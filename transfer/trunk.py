@@ -20,20 +20,12 @@ import torch
 from torch import nn
 
 from pretrain.checkpoint import load_latest_checkpoint, load_state_dict_checked
-from pretrain.models import AlexNetEncoder, build_encoder
+from pretrain.models import AlexNetEncoder, build_encoder, gaussian_init_
 from transfer.rescale import krahenbuhl_rescale_
 
 CONV_KEYS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 # torchvision.models.alexnet().features indices of its five convolutions
 TORCHVISION_CONV_INDEX = {"conv1": 0, "conv2": 3, "conv3": 6, "conv4": 8, "conv5": 10}
-
-
-def gaussian_init_(trunk: nn.Module, std: float = 0.01) -> None:
-    """Every conv weight ~ N(0, std^2), biases 0 (the 'random Gaussian' row of the paper's Table 2)."""
-    for m in trunk.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.normal_(m.weight, 0.0, std)
-            nn.init.zeros_(m.bias)
 
 
 def load_context_encoder_trunk(path: str | Path) -> tuple[AlexNetEncoder, dict[str, Any]]:
