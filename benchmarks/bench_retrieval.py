@@ -14,7 +14,7 @@ indexes look far worse than they are.
 For each size: build time, queries/s (one batch of --queries, all threads, fastest of
 >= 2 passes) and recall@10 against the exact
 (flat) index, for IVF-Flat over an nprobe sweep and HNSW (M = 32) over an efSearch sweep, all built by
-transfer.retrieve.FeatureIndex (the code the CLI uses). Writes results/retrieval_bench.{md,csv}.
+transfer.index.FeatureIndex (the code the CLI uses). Writes results/retrieval_bench.{md,csv}.
 """
 from __future__ import annotations
 
@@ -36,8 +36,9 @@ sys.path.insert(0, str(REPO))
 
 from pretrain.data import list_images, load_rgb  # noqa: E402
 from pretrain.dataset import normalize  # noqa: E402
+from transfer.crops import random_square_box  # noqa: E402
 from transfer.experiment import calibration_batch  # noqa: E402
-from transfer.retrieve import FeatureIndex, random_square_box, recall_at_k  # noqa: E402
+from transfer.index import FeatureIndex, recall_at_k  # noqa: E402
 from transfer.trunk import build_trunk, init_label  # noqa: E402
 
 POSITIONS = 13 * 13  # conv5 grid of a 227 x 227 crop

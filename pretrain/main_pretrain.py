@@ -34,9 +34,9 @@ from pretrain.dataset import InpaintingDataset, StreamSampler
 from pretrain.distributed import all_reduce_mean, init_distributed, is_main_process
 from pretrain.engine import evaluate, save_sample_grid, train_step
 from pretrain.health import context_encoder_health, format_health
-from pretrain.inpaint128 import build_inpaint128
+from pretrain.hub import build_generator
 from pretrain.masks import MASK_TYPES, shapes_from_segmentations
-from pretrain.models import ContextEncoder, Discriminator, build_encoder
+from pretrain.models import Discriminator
 
 
 @dataclass
@@ -87,10 +87,11 @@ class PretrainConfig:
 
 def build_models(cfg: PretrainConfig) -> tuple[nn.Module, nn.Module | None]:
     """The generator and, when the adversarial loss is on, its discriminator."""
+    generator = build_generator(dataclasses.asdict(cfg))  # the one builder checkpoints are loaded back with
+    # built even when unused (lambda_adv 0): the RNG stream after it, hence dropout masks, does not depend on lambda_adv
     if cfg.model == "inpaint128":
-        generator, discriminator = build_inpaint128()
+        discriminator = Discriminator()  # four 4x4/2 convs, then the 4x4 conv to one logit, on the 64x64 patch
     else:
-        generator = ContextEncoder(build_encoder(cfg.encoder), cfg.crop_size, cfg.dropout)
         discriminator = Discriminator((32, 64, 128, 256))  # half the paper's widths: a 0.001-weighted loss
     return generator, (discriminator if cfg.lambda_adv > 0 else None)
 

@@ -5,19 +5,17 @@ import numpy as np
 import pytest
 import torch
 
+from transfer.crops import EntryMetadata
+from transfer.index import FeatureIndex, choose_index_kind, ivf_nlist, recall_at_k
 from transfer.retrieve import (
-    EntryMetadata,
-    FeatureIndex,
     HogFeatures,
     RetrieveConfig,
-    choose_index_kind,
     encode,
     entries_for,
-    ivf_nlist,
+    load_inpainting_model,
     main,
     nn_inpaint,
     open_retrieval_images,
-    recall_at_k,
 )
 
 
@@ -167,3 +165,15 @@ def test_unreadable_files_are_skipped_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="broken.jpg"):
         images = open_retrieval_images(str(tmp_path))
     assert [p.name for p in images.paths] == ["img0.png", "img1.png", "img2.png"] and images.labels is None
+
+
+def test_inpainting_model_only_for_checkpoints_with_a_decoder(tiny_pretrain_run, tmp_path):
+    from pretrain.models import AlexNetEncoder, ContextEncoder
+
+    assert isinstance(load_inpainting_model(str(tiny_pretrain_run)), ContextEncoder)
+    assert load_inpainting_model("hog") is None and load_inpainting_model("rescaled") is None
+    trunk_state = {f"encoder.{k}": v for k, v in AlexNetEncoder().state_dict().items()}
+    supervised = tmp_path / "supervised.pth"  # a trunk and a classifier, no decoder
+    torch.save({"model": {**trunk_state, "classifier.weight": torch.zeros(2, 9216)},
+                "config": {"objective": "supervised", "model": "alexnet"}}, supervised)
+    assert load_inpainting_model(str(supervised)) is None  # retrieval then scores NN-inpainting only

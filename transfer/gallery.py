@@ -18,6 +18,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
+from pretrain.dataset import denormalize, normalize
+from pretrain.masks import apply_mask
+from transfer.crops import EntryMetadata, load_crop, paste
+
 HOLE_OUTLINE = (255, 64, 64)
 
 
@@ -169,14 +173,10 @@ def _outline_hole(image: Image.Image, mask: torch.Tensor) -> Image.Image:
 
 
 @torch.no_grad()
-def build_retrieval_gallery(folder: str | Path, result, metadata, size: int, mask: torch.Tensor, count: int,
+def build_retrieval_gallery(folder: str | Path, result, metadata: EntryMetadata, size: int, mask: torch.Tensor, count: int,
                             model: nn.Module | None = None, device: torch.device | None = None,
                             distance_name: str = "squared L2 distance", title: str = "Context retrieval") -> Path:
     """Grids + HTML for the first `count` queries of a `transfer.retrieve.ContextRetrieval`."""
-    from pretrain.dataset import denormalize, normalize
-    from pretrain.masks import apply_mask
-    from transfer.retrieve import load_crop, paste
-
     queries = []
     for qi in range(min(count, len(result.query_ids))):
         qid = int(result.query_ids[qi])

@@ -21,250 +21,32 @@ gallery; open gallery/index.html in any browser).
 """
 from __future__ import annotations
 
-import functools
-import json
 import math
 import re
 import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
-import numpy.typing as npt
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import nn
 
-from pretrain.checkpoint import load_latest_checkpoint, load_state_dict_checked
 from pretrain.config import field, parse_config
 from pretrain.data import DatasetNotFoundError, VOCDataset, find_year_dir, list_images, load_rgb, resolve_voc_root
 from pretrain.dataset import denormalize, normalize
 from pretrain.engine import hole_errors
+from pretrain.hub import NotAnInpainterError, load_generator
 from pretrain.masks import apply_mask, central_square_mask
 from pretrain.models import FEATURE_KEYS
+from transfer.crops import EntryMetadata, center_square_box, load_crops, paste, random_square_box
 from transfer.experiment import calibration_batch, seed_everything, select_device, write_results
+from transfer.gallery import build_retrieval_gallery
+from transfer.index import FLAT_MAX_ENTRIES, INDEX_KINDS, METRICS, FeatureIndex
 from transfer.trunk import build_trunk, init_label
-
-INDEX_KINDS = ("auto", "flat", "ivf", "hnsw")
-METRICS = ("l2", "cosine")
-# Below this many entries exact search is fast enough (and exact); above it `auto` picks an approximate index.
-FLAT_MAX_ENTRIES = 50_000
-HNSW_M = 32
-
-
-# ------------------------------------------------------------------------------------------------ index
-
-
-def choose_index_kind(n: int) -> str:
-    """`auto`'s choice: exact (flat) below FLAT_MAX_ENTRIES entries, IVF-Flat above.
-
-    On 1M real-image features (results/retrieval_bench.md) IVF (nprobe 64) and HNSW (efSearch 128) both gave
-    ~26x exact search's queries/s at recall@10 0.95, but IVF built 2.3x faster and needs no graph links
-    (HNSW: +256 B per entry); use --index hnsw for many more queries per build.
-    """
-    return "flat" if n < FLAT_MAX_ENTRIES else "ivf"
-
-
-def ivf_nlist(n: int) -> int:
-    """IVF lists ~ 4 sqrt(N) (1,000 -> 126, 1M -> 4,000), and at least 39 training points per list (FAISS)."""
-    return max(1, min(round(4 * math.sqrt(n)), n // 39))
-
-
-@dataclass
-class EntryMetadata:
-    """Where each index entry came from, stored column-wise so 1M entries cost ~20 MB, not a JSON of dicts.
-
-    `paths[source[i]]` is entry i's image file; `boxes[i]` = (left, top, right, bottom) in that file's pixels
-    is the crop that was resized to the encoder's input. `paths` holds each source image once.
-    """
-
-    paths: list[str]
-    source: np.ndarray  # (N,) int64 index into paths
-    boxes: np.ndarray  # (N, 4) float32
-
-    def __post_init__(self) -> None:
-        self.source = np.asarray(self.source, dtype=np.int64).reshape(-1)
-        self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
-        if len(self.source) != len(self.boxes):
-            raise ValueError(f"EntryMetadata: {len(self.source)} sources but {len(self.boxes)} boxes")
-        if len(self.source) and (self.source.min() < 0 or self.source.max() >= len(self.paths)):
-            raise ValueError(f"EntryMetadata: source indices must be in [0, {len(self.paths)})")
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def path(self, i: int) -> str:
-        return self.paths[int(self.source[i])]
-
-    def save(self, folder: Path) -> None:
-        (folder / "images.json").write_text(json.dumps(self.paths))
-        np.savez(folder / "entries.npz", source=self.source, boxes=self.boxes)
-
-    @classmethod
-    def load(cls, folder: Path) -> EntryMetadata:
-        with np.load(folder / "entries.npz", allow_pickle=False) as z:
-            return cls(json.loads((folder / "images.json").read_text()), z["source"], z["boxes"])
-
-
-class FeatureIndex:
-    """A FAISS index of feature vectors plus, per entry, which image and which crop it came from.
-
-    The FAISS index owns its input transforms (PCA, then L2 normalisation for cosine), so `search` takes
-    raw features, and one `faiss.write_index` file restores all of it.
-
-    Distances returned by `search`: squared L2 for metric "l2" (smaller is nearer), cosine similarity for
-    metric "cosine" (larger is nearer), both in the (PCA-reduced) space the index searches.
-
-    Attributes:
-        index: The FAISS index (an IndexPreTransform when PCA or cosine is used).
-        metadata: EntryMetadata of the N entries, or None for bare vectors.
-        kind: "flat" (exact), "ivf" (IVF-Flat, nlist ~ 4 sqrt(N)) or "hnsw" (HNSW-Flat, M = 32).
-        metric: "l2" or "cosine".
-        pca_dim: Output dimension of the PCA (0: none).
-        nprobe: IVF lists visited per query (recall vs speed).
-        ef_search: HNSW candidate-list size per query (recall vs speed).
-    """
-
-    def __init__(self, index: faiss.Index, metadata: EntryMetadata | None, kind: str, metric: str,
-                 pca_dim: int = 0, nprobe: int = 64, ef_search: int = 128) -> None:
-        if metadata is not None and len(metadata) != index.ntotal:
-            raise ValueError(f"FeatureIndex: {index.ntotal} vectors but metadata for {len(metadata)} entries")
-        self.index, self.metadata, self.kind, self.metric, self.pca_dim = index, metadata, kind, metric, pca_dim
-        self.nprobe, self.ef_search = nprobe, ef_search
-        self.set_search_params(nprobe, ef_search)
-
-    @classmethod
-    def build(cls, features: npt.ArrayLike, metadata: EntryMetadata | None = None, kind: str = "auto",
-              metric: str = "l2", pca_dim: int = 0, nprobe: int = 64, ef_search: int = 128,
-              ef_construction: int = 40, seed: int = 0) -> FeatureIndex:
-        """Index `features` (N, D): optional PCA to `pca_dim`, then flat / IVF / HNSW for `metric`.
-
-        `kind="auto"` picks by N (choose_index_kind). IVF centroids are trained on at most 64 points per list
-        (a seeded subsample), which keeps training at 1M entries to seconds with no measurable recall loss.
-        """
-        x = np.ascontiguousarray(features, dtype=np.float32)
-        if x.ndim != 2 or len(x) == 0:
-            raise ValueError(f"FeatureIndex.build: features must be a non-empty (N, D) array, got shape {x.shape}")
-        if metric not in METRICS:
-            raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
-        if kind not in INDEX_KINDS:
-            raise ValueError(f"unknown index kind {kind!r}; choose one of {INDEX_KINDS}")
-        n, d = x.shape
-        kind = choose_index_kind(n) if kind == "auto" else kind
-        transforms: list[faiss.VectorTransform] = []
-        if pca_dim:
-            if not 0 < pca_dim <= min(n, d):
-                raise ValueError(f"--pca-dim {pca_dim} must be in 1..min(entries, dims) = {min(n, d)}; "
-                                 f"lower it or use 0 for no PCA")
-            pca = faiss.PCAMatrix(d, pca_dim)
-            pca.train(x)
-            transforms.append(pca)
-            d = pca_dim
-        if metric == "cosine":  # cosine = inner product of unit vectors; normalise after the PCA
-            transforms.append(faiss.NormalizationTransform(d, 2.0))
-        faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
-        if kind == "flat":
-            base = faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d)
-        elif kind == "ivf":
-            nlist = ivf_nlist(n)
-            quantizer = faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d)
-            base = faiss.IndexIVFFlat(quantizer, d, nlist, faiss_metric)  # keeps a Python ref to its quantizer
-            base.cp.seed = seed
-            base.cp.niter = 10  # vs FAISS's 25: recall within 0.004 on 20k conv5 vectors, 2.5x less training
-        elif kind == "hnsw":
-            base = faiss.IndexHNSWFlat(d, HNSW_M, faiss_metric)
-            base.hnsw.efConstruction = ef_construction
-        else:
-            raise ValueError(f"unknown index kind {kind!r}; choose one of {INDEX_KINDS[1:]}")
-        index = base
-        if transforms:
-            index = faiss.IndexPreTransform(base)
-            for t in reversed(transforms):  # prepend: the first transform applied ends up first
-                index.prepend_transform(t)  # (FAISS's wrapper keeps Python refs to base and transforms)
-        if kind == "ivf":
-            sample = x
-            if n > 64 * base.nlist:
-                sample = x[np.random.default_rng(seed).choice(n, 64 * base.nlist, replace=False)]
-            index.train(sample)
-        elif not index.is_trained:
-            index.train(x)
-        index.add(x)
-        return cls(index, metadata, kind, metric, pca_dim, nprobe, ef_search)
-
-    @property
-    def ntotal(self) -> int:
-        return int(self.index.ntotal)
-
-    def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
-        """Speed/recall knobs: IVF `nprobe`, HNSW `efSearch` (ParameterSpace reaches through the PCA wrapper)."""
-        params = faiss.ParameterSpace()
-        if nprobe is not None:
-            self.nprobe = nprobe
-            if self.kind == "ivf":
-                params.set_index_parameter(self.index, "nprobe", nprobe)
-        if ef_search is not None:
-            self.ef_search = ef_search
-            if self.kind == "hnsw":
-                params.set_index_parameter(self.index, "efSearch", ef_search)
-
-    def search(self, queries: npt.ArrayLike, k: int, exclude: npt.ArrayLike | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """The k nearest entries of each query: (distances (Q, k) float32, ids (Q, k) int64).
-
-        `exclude` (Q,) gives one entry id per query to leave out (leave-one-out when the query is itself in
-        the database; -1 = none). Ids are -1 where fewer than k entries exist.
-        """
-        q = np.ascontiguousarray(queries, dtype=np.float32)
-        if q.ndim == 1:
-            q = q[None]
-        if exclude is None:
-            return self.index.search(q, k)
-        exclude = np.asarray(exclude, dtype=np.int64).reshape(-1)
-        if len(exclude) != len(q):
-            raise ValueError(f"exclude has {len(exclude)} ids for {len(q)} queries")
-        dist, ids = self.index.search(q, k + 1)  # (Q, k + 1): one spare in case the excluded entry is found
-        keep = ids != exclude[:, None]  # (Q, k + 1)
-        keep &= np.cumsum(keep, axis=1) <= k  # when it was not found, drop the spare instead
-        return dist[keep].reshape(len(q), k), ids[keep].reshape(len(q), k)
-
-    def save(self, folder: str | Path) -> Path:
-        """index.faiss (FAISS's own format) + index.json (settings) + images.json/entries.npz (metadata)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        faiss.write_index(self.index, str(folder / "index.faiss"))
-        info = {"kind": self.kind, "metric": self.metric, "pca_dim": self.pca_dim, "nprobe": self.nprobe,
-                "ef_search": self.ef_search, "ntotal": self.ntotal, "has_metadata": self.metadata is not None}
-        (folder / "index.json").write_text(json.dumps(info, indent=2))
-        if self.metadata is not None:
-            self.metadata.save(folder)
-        return folder
-
-    @classmethod
-    def load(cls, folder: str | Path) -> FeatureIndex:
-        folder = Path(folder)
-        if not (folder / "index.faiss").is_file() or not (folder / "index.json").is_file():
-            raise FileNotFoundError(f"{folder} is not a saved FeatureIndex (needs index.faiss and index.json); "
-                                    f"write one with FeatureIndex.save or python -m transfer.retrieve")
-        info = json.loads((folder / "index.json").read_text())
-        metadata = EntryMetadata.load(folder) if info.get("has_metadata") else None
-        return cls(faiss.read_index(str(folder / "index.faiss")), metadata, info["kind"], info["metric"],
-                   info["pca_dim"], info["nprobe"], info["ef_search"])
-
-
-def recall_at_k(approx_ids: npt.ArrayLike, exact_ids: npt.ArrayLike) -> float:
-    """Mean over queries of |approx top-k ∩ exact top-k| / k (k = the exact list's width)."""
-    a, e = np.asarray(approx_ids), np.asarray(exact_ids)
-    if a.ndim != 2 or e.ndim != 2 or len(a) != len(e):
-        raise ValueError(f"recall_at_k: expected (Q, k) id arrays with equal Q, got {a.shape} and {e.shape}")
-    k = e.shape[1]
-    hits = sum(len(np.intersect1d(ai[:k][ai[:k] >= 0], ei)) for ai, ei in zip(a, e))
-    return hits / (len(e) * k)
-
 
 # ------------------------------------------------------------------------------------------------ data
 
@@ -344,37 +126,6 @@ def open_retrieval_images(data: str, split: str = "trainval", max_images: int = 
     return RetrievalImages(files, root, np.array([index[c] for c in names], dtype=np.int64), classes)
 
 
-def center_square_box(width: int, height: int) -> tuple[float, float, float, float]:
-    """The largest centred square: resize short side to S then centre-crop S x S, as one box."""
-    side = min(width, height)
-    left, top = (width - side) / 2, (height - side) / 2
-    return left, top, left + side, top + side
-
-
-def random_square_box(width: int, height: int, rng: np.random.Generator, min_area: float = 0.3
-                      ) -> tuple[float, float, float, float]:
-    """A random square covering `min_area`..1 of the largest square's area, anywhere in the image."""
-    side = min(width, height) * math.sqrt(rng.uniform(min_area, 1.0))
-    left, top = rng.uniform(0, width - side), rng.uniform(0, height - side)
-    return left, top, left + side, top + side
-
-
-@functools.lru_cache(maxsize=16)
-def _cached_rgb(path: str) -> Image.Image:
-    return load_rgb(path)  # consecutive crops of one image decode it once
-
-
-def load_crop(path: str | Path, box: Sequence[float], size: int) -> torch.Tensor:
-    """Crop `box` of the image at `path`, resized to size x size: (3, size, size) in [0, 1]."""
-    image = _cached_rgb(str(path))
-    return TF.to_tensor(image.resize((size, size), Image.BILINEAR, box=tuple(float(b) for b in box)))
-
-
-def load_crops(metadata: EntryMetadata, ids: Sequence[int], size: int) -> torch.Tensor:
-    """(len(ids), 3, size, size) crops in [0, 1]."""
-    return torch.stack([load_crop(metadata.path(i), metadata.boxes[i], size) for i in ids])
-
-
 def entries_for(images: RetrievalImages, crops_per_image: int = 0, seed: int = 0) -> EntryMetadata:
     """One centre square per image (crops_per_image = 0), or that many random squares per image."""
     rng = np.random.default_rng(seed)
@@ -437,24 +188,17 @@ def encode(featurizer: Featurizer, metadata: EntryMetadata, size: int, mask: tor
 def load_inpainting_model(init: str) -> nn.Module | None:
     """The whole context encoder (encoder + bottleneck + decoder) of a checkpoint init, rebuilt from its config.
 
-    None for random / rescaled / torchvision / hog inits, which have no decoder to fill the hole with.
+    None for random / rescaled / torchvision / hog inits, which have no decoder to fill the hole with, and for
+    checkpoints of an objective without one (e.g. supervised).
     """
     path = Path(init)
     if init in ("random", "rescaled", "hog") or init.startswith("torchvision:") or not path.exists():
         return None
-    from pretrain.main_pretrain import PretrainConfig, build_models  # only checkpoint inits need these
-
-    found = load_latest_checkpoint(path) if path.is_dir() else (torch.load(path, map_location="cpu", weights_only=False),
-                                                                 path)
-    if found is None:
+    try:
+        return load_generator(path).model
+    except NotAnInpainterError as err:
+        print(f"{err}: only NN-inpainting is scored", file=sys.stderr)
         return None
-    ckpt, source = found
-    known = {f.name for f in fields(PretrainConfig)}
-    cfg = PretrainConfig(**{k: v for k, v in ckpt["config"].items() if k in known})
-    cfg.lambda_adv = 0.0  # the discriminator is not needed to fill holes
-    model, _ = build_models(cfg)
-    load_state_dict_checked(model, ckpt["model"], str(source))
-    return model.eval()
 
 
 # ------------------------------------------------------------------------------------------------ scoring
@@ -464,11 +208,6 @@ def hole_metrics(l1_sum: float, l2_sum: float, count: float) -> dict[str, float]
     """Pooled mean L1, mean L2 and PSNR = 10 log10(1 / mean L2) (inf when L2 is exactly 0), as pretrain.engine."""
     l1, l2 = l1_sum / max(count, 1.0), l2_sum / max(count, 1.0)
     return {"l1": l1, "l2": l2, "psnr": math.inf if l2 == 0 else 10 * math.log10(1.0 / l2)}
-
-
-def paste(fill01: torch.Tensor, target01: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`fill` inside the hole, `target` outside: (B, 3, S, S)."""
-    return torch.where(mask.unsqueeze(-3), fill01, target01)
 
 
 @dataclass
@@ -706,8 +445,6 @@ def main(cfg: RetrieveConfig) -> dict[str, object]:
     (out / "table.md").write_text(text + "\n")
 
     if cfg.gallery:
-        from transfer.gallery import build_retrieval_gallery  # drawing is kept out of the metric code
-
         t0 = time.perf_counter()
         build_retrieval_gallery(out / "gallery", result, index.metadata, cfg.size, mask, cfg.gallery, model, device,
                                 distance_name="cosine similarity" if cfg.metric == "cosine" else "squared L2 distance",

@@ -19,45 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from pretrain.checkpoint import load_latest_checkpoint, load_state_dict_checked
-from pretrain.models import AlexNetEncoder, build_encoder, gaussian_init_
+from pretrain.checkpoint import load_state_dict_checked
+from pretrain.hub import load_encoder
+from pretrain.models import AlexNetEncoder, gaussian_init_
 from transfer.rescale import krahenbuhl_rescale_
 
 CONV_KEYS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 # torchvision.models.alexnet().features indices of its five convolutions
 TORCHVISION_CONV_INDEX = {"conv1": 0, "conv2": 3, "conv3": 6, "conv4": 8, "conv5": 10}
-
-
-def load_context_encoder_trunk(path: str | Path) -> tuple[AlexNetEncoder, dict[str, Any]]:
-    """The encoder of a pretraining checkpoint (a run folder or a .pth file), weights as saved."""
-    path = Path(path)
-    if path.is_dir():
-        found = load_latest_checkpoint(path)
-        if found is None:
-            raise FileNotFoundError(f"no checkpoint-*.pth in {path}: pretrain first (python -m pretrain --name "
-                                    f"{path.name}) or pass a checkpoint file")
-        ckpt, path = found
-    elif path.is_file():
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # noqa: BLE001
-            raise ValueError(f"{path} is not a readable checkpoint ({err}); pass a runs/<name>/ folder or "
-                             f"a checkpoint-*.pth file written by python -m pretrain") from err
-    else:
-        raise FileNotFoundError(f"--init {path}: no such file or folder. Use random, rescaled, "
-                                f"torchvision:PATH, a runs/<name>/ folder or a checkpoint .pth file")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{path} is not a ctxenc pretraining checkpoint (no 'model'/'config' entries)")
-    config = ckpt["config"]
-    if config.get("model", "alexnet") != "alexnet":
-        raise ValueError(f"{path} is a {config.get('model')} checkpoint; transfer needs an AlexNet context "
-                         f"encoder (python -m pretrain --model alexnet)")
-    trunk = build_encoder(config.get("encoder", "alexnet"))
-    if not isinstance(trunk, AlexNetEncoder):
-        raise ValueError(f"{path} has a {config.get('encoder')} trunk; transfer tasks use AlexNet trunks")
-    state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
-    load_state_dict_checked(trunk, state, str(path))
-    return trunk, {"path": str(path), "step": ckpt.get("step")}
 
 
 def load_torchvision_trunk(path: str | Path) -> AlexNetEncoder:
@@ -91,7 +60,10 @@ def build_trunk(init: str, seed: int = 0, arch: str = "caffe") -> tuple[AlexNetE
         return trunk, None
     if init.startswith("torchvision:"):
         return load_torchvision_trunk(init.split(":", 1)[1]), {"path": init.split(":", 1)[1], "step": None}
-    return load_context_encoder_trunk(init)
+    if not Path(init).exists():
+        raise FileNotFoundError(f"--init {init}: no such file or folder. Use random, torchvision:PATH, a runs/<name>/ "
+                                f"folder or a checkpoint .pth file")
+    return load_encoder(init)
 
 
 def conv_layers(trunk: nn.Module, images: torch.Tensor) -> list[nn.Module]:
