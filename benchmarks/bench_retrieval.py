@@ -1,14 +1,14 @@
 """Exact vs approximate nearest-neighbour search on 100k and 1M real-image feature vectors.
 
-    python benchmarks/bench_retrieval.py [--sizes 100000 1000000] [--dim 128] [--init rescaled]
+    python benchmarks/bench_retrieval.py [--sizes 100000 1000000] [--dim 128] [--init random]
 
 Where 1M real vectors come from, cheaply: random square crops of the imagenet-sample photos (plus their
 mirror images) go through the AlexNet trunk up to conv5, and each of conv5's 13 x 13 positions is one
 256-d vector (the feature of a ~100 px receptive field), so ~5,900 crops give 1M vectors for the cost of
 5,900 forward passes. FAISS PCA reduces them to --dim (trained on 100k of them). Queries are positions of
 crops of held-out photos, never in the database. The trunk is a context-encoder run when --init names one
-(default: runs/default if it exists), else `rescaled` (Krähenbühl data-dependent random init), so the
-vectors have the structure of real images either way; uniformly random vectors would make approximate
+(default: runs/default if it exists), else `random` (Gaussian, after the Krähenbühl et al. rescaling every
+transfer task applies), so the vectors have the structure of real images either way; uniformly random vectors would make approximate
 indexes look far worse than they are.
 
 For each size: build time, queries/s (one batch of --queries, all threads, fastest of
@@ -37,9 +37,9 @@ sys.path.insert(0, str(REPO))
 from pretrain.data import list_images, load_rgb  # noqa: E402
 from pretrain.dataset import normalize  # noqa: E402
 from transfer.crops import random_square_box  # noqa: E402
-from transfer.experiment import calibration_batch  # noqa: E402
+from transfer.experiment import calibration_batch, init_label  # noqa: E402
 from transfer.index import FeatureIndex, recall_at_k  # noqa: E402
-from transfer.trunk import build_trunk, init_label  # noqa: E402
+from transfer.trunk import build_trunk, calibrate_network_  # noqa: E402
 
 POSITIONS = 13 * 13  # conv5 grid of a 227 x 227 crop
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -47,7 +47,7 @@ EF_SEARCHES = (16, 32, 64, 128, 256)
 
 
 def default_init() -> str:
-    return str(REPO / "runs" / "default") if (REPO / "runs" / "default").is_dir() else "rescaled"
+    return str(REPO / "runs" / "default") if (REPO / "runs" / "default").is_dir() else "random"
 
 
 @torch.no_grad()
@@ -94,7 +94,7 @@ def timed_search(index: FeatureIndex, queries: np.ndarray, k: int, min_seconds: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "imagenet-sample"))
-    parser.add_argument("--init", default=default_init(), help="trunk: rescaled, random or a runs/<name>/ folder")
+    parser.add_argument("--init", default=default_init(), help="trunk: random (rescaled on the data) or a runs/<name>/ folder")
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--dim", type=int, default=128, help="PCA output dimension")
     parser.add_argument("--queries", type=int, default=1000)
@@ -123,7 +123,9 @@ def main() -> None:
         print(f"loaded {len(raw):,} + {len(raw_q):,} conv5 vectors from {cache}")
     else:
         calib = calibration_batch([load_rgb(p) for p in database[:64]], n=32, seed=args.seed)
-        trunk = build_trunk(args.init, args.seed, calib).eval()
+        trunk, _ = build_trunk(args.init, args.seed)
+        calibrate_network_(trunk, trunk, [], lambda: trunk(calib), calib, trunk_is_fresh=args.init == "random")
+        trunk.eval()
         raw = conv5_vectors(trunk, database, total, args.seed)
         raw_q = conv5_vectors(trunk, held_out, POSITIONS * len(held_out), args.seed + 1)
         raw_q = raw_q[np.random.default_rng(args.seed).choice(len(raw_q), args.queries, replace=False)]

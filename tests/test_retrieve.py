@@ -119,9 +119,9 @@ def test_cli_reports_inf_psnr_without_crashing(tiny_voc, tmp_path):
     cfg = RetrieveConfig(init="hog", data=str(tiny_voc), size=64, hog_cell=8, queries=0, k=2, leave_one_out=False,
                          gallery=1, out=str(tmp_path / "self"))
     metrics = main(cfg)
-    assert metrics["l1"] == 0.0 and math.isinf(metrics["psnr"])
+    assert metrics["scores"]["l1"] == 0.0 and math.isinf(metrics["scores"]["psnr"])
     saved = json.loads((tmp_path / "self" / "metrics.json").read_text())
-    assert saved["psnr"] == "inf"  # JSON has no inf: written as a string, never as a bare Infinity
+    assert saved["scores"]["psnr"] == "inf"  # JSON has no inf: written as a string, never as a bare Infinity
     assert (tmp_path / "self" / "gallery" / "index.html").is_file()
 
 
@@ -132,11 +132,11 @@ def test_end_to_end_hog_and_context_encoder_features(tiny_voc, tiny_pretrain_run
     metrics = main(cfg)
     out = tmp_path / init
     for key in ("l1", "l2", "psnr", "mean_fill_l1", "precision_at_k"):
-        assert np.isfinite(metrics[key]), key
+        assert np.isfinite(metrics["scores"][key]), key
     assert metrics["precision_mode"] == "labels" and metrics["precision_criterion"] == "shares at least one class"
     assert metrics["queries"] == 4 and metrics["database"] == 6 and metrics["pca_dim"] == 3
     if init == "ce":  # the context encoder's own fill is scored beside NN-inpainting
-        assert 0 < metrics["ce_l1"] < 1 and (out / "gallery" / "img" / "q000_ce.png").is_file()
+        assert 0 < metrics["scores"]["ce_l1"] < 1 and (out / "gallery" / "img" / "q000_ce.png").is_file()
         assert metrics["dims"] == 256 * 6 * 6
     # the saved context index reloads with its metadata and answers like the one the run used
     index = FeatureIndex.load(out / "index_context")
@@ -171,7 +171,7 @@ def test_inpainting_model_only_for_checkpoints_with_a_decoder(tiny_pretrain_run,
     from pretrain.models import AlexNetEncoder, ContextEncoder
 
     assert isinstance(load_inpainting_model(str(tiny_pretrain_run)), ContextEncoder)
-    assert load_inpainting_model("hog") is None and load_inpainting_model("rescaled") is None
+    assert load_inpainting_model("hog") is None and load_inpainting_model("random") is None
     trunk_state = {f"encoder.{k}": v for k, v in AlexNetEncoder().state_dict().items()}
     supervised = tmp_path / "supervised.pth"  # a trunk and a classifier, no decoder
     torch.save({"model": {**trunk_state, "classifier.weight": torch.zeros(2, 9216)},

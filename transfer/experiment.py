@@ -38,21 +38,15 @@ class TransferConfig:
 
     init: str = field("random", "trunk: random (Gaussian N(0, 0.01^2)), torchvision:PATH, a runs/<name>/ folder or a "
                                 "checkpoint .pth written by python -m pretrain")
-    rescale: bool = field(True, "Krähenbühl et al. 2016 rescaling before training: data-dependent init of every layer "
-                                "that starts fresh, then between-layer gradient-ratio calibration of the whole network "
+    rescale: bool = field(True, "Krähenbühl et al. 2016 rescaling before use: data-dependent init of every layer that "
+                                "starts fresh, then between-layer gradient-ratio calibration of the whole network "
                                 "(false: the start's weights as they are)")
     data: str = field("builtin", "'builtin' (generated VOC-layout scenes) or a VOC root (e.g. ../shared/data/camvid-voc)")
     data_cache: str = field("", "where the built-in data is generated (default: $CTXENC_DATA_CACHE or ~/.cache/ctxenc)")
     builtin_images: int = field(2000, "size of the built-in dataset")
-    train_split: str = field("train", "split to train on (real VOC2007: trainval)")
-    test_split: str = field("test", "split to score (VOC2012 segmentation: val)")
     calib_images: int = field(32, "training images the rescaling is calibrated on")
-    amp: str = field("bf16", "mixed precision: none or bf16 (CPU or CUDA)", choices=("none", "bf16"))
-    channels_last: bool = field(True, "NHWC memory layout (faster convolutions with oneDNN and cuDNN)")
-    workers: int = field(2, "data loader processes")
     seed: int = field(0, "seed for the random trunk, new layers' weights, data order, augmentation and dropout")
     device: str = field("auto", "auto, cpu or cuda")
-    strict_images: bool = field(False, "stop at the first unreadable image instead of skipping it")
     out: str = field("", "output folder (default: runs/transfer/<task>/<init label>-seed<seed>)")
 
 
@@ -60,6 +54,8 @@ class TransferConfig:
 class FinetuneConfig(TransferConfig):
     """The fine-tuning recipe (classify, detect, segment): one SGD recipe, the same for every start of a task."""
 
+    train_split: str = field("train", "split to train on (real VOC2007: trainval)")
+    test_split: str = field("test", "split to score (VOC2012 segmentation: val)")
     epochs: int = field(8, "passes over the training split")
     batch_size: int = field(64, "global training batch size (under torchrun split evenly over the processes)")
     lr: float = field(0.01, "SGD learning rate for the global batch: linear warm-up from lr/100, then cosine decay to 0")
@@ -67,6 +63,10 @@ class FinetuneConfig(TransferConfig):
     weight_decay: float = field(5e-4, "SGD weight decay on weights (not biases)")
     warmup_epochs: float = field(1.0, "epochs of linear lr warm-up (at most a fifth of the run)")
     clip_grad: float = field(10.0, "max global gradient norm (0: off)")
+    amp: str = field("bf16", "mixed precision: none or bf16 (CPU or CUDA)", choices=("none", "bf16"))
+    channels_last: bool = field(True, "NHWC memory layout (faster convolutions with oneDNN and cuDNN)")
+    workers: int = field(2, "data loader processes")
+    strict_images: bool = field(False, "stop at the first unreadable image instead of skipping it")
 
 
 # Fields that say where outputs go or how fast they are made, not what is computed: left out of the config hash.

@@ -43,10 +43,10 @@ from pretrain.hub import NotAnInpainterError, load_generator
 from pretrain.masks import apply_mask, central_square_mask
 from pretrain.models import FEATURE_KEYS
 from transfer.crops import EntryMetadata, center_square_box, load_crops, paste, random_square_box
-from transfer.experiment import calibration_batch, seed_everything, select_device, write_results
+from transfer.experiment import TransferConfig, calibration_batch, init_label, setup, write_results
 from transfer.gallery import build_retrieval_gallery
 from transfer.index import FLAT_MAX_ENTRIES, INDEX_KINDS, METRICS, FeatureIndex
-from transfer.trunk import build_trunk, init_label
+from transfer.trunk import build_trunk, calibrate_network_
 
 # ------------------------------------------------------------------------------------------------ data
 
@@ -188,11 +188,11 @@ def encode(featurizer: Featurizer, metadata: EntryMetadata, size: int, mask: tor
 def load_inpainting_model(init: str) -> nn.Module | None:
     """The whole context encoder (encoder + bottleneck + decoder) of a checkpoint init, rebuilt from its config.
 
-    None for random / rescaled / torchvision / hog inits, which have no decoder to fill the hole with, and for
+    None for random / torchvision / hog inits, which have no decoder to fill the hole with, and for
     checkpoints of an objective without one (e.g. supervised).
     """
     path = Path(init)
-    if init in ("random", "rescaled", "hog") or init.startswith("torchvision:") or not path.exists():
+    if init in ("random", "hog") or init.startswith("torchvision:") or not path.exists():
         return None
     try:
         return load_generator(path).model
@@ -275,14 +275,12 @@ def label_hits(labels: np.ndarray, query_ids: np.ndarray, neighbour_ids: np.ndar
 
 
 @dataclass
-class RetrieveConfig:
+class RetrieveConfig(TransferConfig):
     """Every option of `python -m transfer.retrieve`; written to <out>/config.json."""
 
-    init: str = field("random", "features: hog (scikit-image HOG), random, rescaled, a runs/<name>/ context-encoder "
-                                "or autoencoder folder (or checkpoint .pth), or torchvision:PATH")
+    init: str = field("random", "features: hog (scikit-image HOG), random, a runs/<name>/ context-encoder or "
+                                "autoencoder folder (or checkpoint .pth), or torchvision:PATH")
     data: str = field("builtin", "'builtin', a Pascal VOC root, or a folder of images (e.g. ../shared/data/imagenet-sample)")
-    data_cache: str = field("", "where the built-in data is generated (default: $CTXENC_DATA_CACHE or ~/.cache/ctxenc)")
-    builtin_images: int = field(2000, "size of the built-in dataset")
     split: str = field("trainval", "VOC split used as database and queries (image folders use every image)")
     max_images: int = field(0, "use only the first N images (0: all)")
     size: int = field(227, "side of the square crop the features see (227 for AlexNet)")
@@ -304,9 +302,6 @@ class RetrieveConfig:
     crops_per_image: int = field(5, "crops mode: random crops of every image in the database (queries: one more)")
     gallery: int = field(12, "queries drawn in PNG grids and the HTML gallery (0: none)")
     batch_size: int = field(32, "images per forward pass")
-    device: str = field("auto", "auto, cpu or cuda")
-    seed: int = field(0, "seed for the random trunk, query choice and crops")
-    out: str = field("", "output folder (default runs/transfer/retrieve/<label>-seed<seed>)")
 
 
 def feature_label(cfg: RetrieveConfig) -> str:
@@ -315,13 +310,20 @@ def feature_label(cfg: RetrieveConfig) -> str:
     return init_label(cfg.init) + ("" if cfg.layer == "pool5" else f"-{cfg.layer}")
 
 
-def build_featurizer(cfg: RetrieveConfig, images: RetrievalImages, device: torch.device) -> Featurizer:
+def build_featurizer(cfg: RetrieveConfig, images: RetrievalImages, device: torch.device
+                     ) -> tuple[Featurizer, dict | None, dict | None]:
+    """(the featurizer, where a pretrained trunk came from, the rescaling report): HOG, or the trunk after the
+    same rescaling protocol as every other task."""
     if cfg.init == "hog":
-        return HogFeatures(cfg.hog_cell)
-    calib = None
-    if cfg.init == "rescaled":
-        calib = calibration_batch([load_rgb(p) for p in images.paths[:64]], n=32, size=cfg.size, seed=cfg.seed)
-    return TrunkFeatures(build_trunk(cfg.init, cfg.seed, calib), cfg.layer, device)
+        return HogFeatures(cfg.hog_cell), None, None
+    trunk, checkpoint = build_trunk(cfg.init, cfg.seed)
+    calibration = None
+    if cfg.rescale:
+        calib = calibration_batch([load_rgb(p) for p in images.paths[:4 * cfg.calib_images]], n=cfg.calib_images,
+                                  size=cfg.size, seed=cfg.seed)  # (n, 3, S, S)
+        calibration = calibrate_network_(trunk, trunk, [], lambda: trunk(calib), calib,
+                                         trunk_is_fresh=cfg.init == "random")
+    return TrunkFeatures(trunk, cfg.layer, device), checkpoint, calibration
 
 
 def choose_queries(n: int, count: int, seed: int) -> np.ndarray:
@@ -386,18 +388,15 @@ def format_table(rows: list[tuple[str, dict[str, float]]]) -> str:
 def main(cfg: RetrieveConfig) -> dict[str, object]:
     if cfg.k < 1 or not 0 < cfg.hole < 1:
         raise ValueError("--k must be >= 1 and --hole in (0, 1)")
-    seed_everything(cfg.seed)
-    device = select_device(cfg.device)
-    label = feature_label(cfg)
-    out = Path(cfg.out or f"runs/transfer/retrieve/{label}-seed{cfg.seed}")
-    out.mkdir(parents=True, exist_ok=True)
+    exp = setup(cfg, "retrieve")
+    device, out, label = exp.device, exp.out, feature_label(cfg)
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
     images = open_retrieval_images(cfg.data, cfg.split, cfg.max_images, cfg.data_cache, cfg.builtin_images)
     if len(images.paths) < 2:
         raise ValueError(f"{cfg.data}: retrieval needs at least 2 images, found {len(images.paths)}")
-    featurizer = build_featurizer(cfg, images, device)
+    featurizer, checkpoint, calibration = build_featurizer(cfg, images, device)
     model = load_inpainting_model(cfg.init)
     if model is not None and cfg.size != 227:
         print(f"--size {cfg.size}: the context encoder was built for 227 px crops, so its fill is not scored",
@@ -452,16 +451,17 @@ def main(cfg: RetrieveConfig) -> dict[str, object]:
         timings["gallery_s"] = time.perf_counter() - t0
         print(f"gallery: {out / 'gallery' / 'index.html'}")
 
-    metrics: dict[str, object] = {"features": label, "layer": None if cfg.init == "hog" else cfg.layer,
-                                  "dims": int(context_feats.shape[1]), "pca_dim": pca_dim, "metric": cfg.metric,
-                                  "index": index.kind, "database": index.ntotal, "queries": int(len(query_images)),
-                                  "leave_one_out": cfg.leave_one_out, "k": int(result.neighbour_ids.shape[1])}
+    scores: dict[str, float] = {}
     for name, prefix in (("nn", ""), ("ce", "ce_"), ("mean_fill", "mean_fill_")):
         if name in result.scores:
-            metrics.update({prefix + key: value for key, value in result.scores[name].items()})
-    metrics.update(patch)
-    metrics["timings"] = {k: round(v, 2) for k, v in timings.items()}
-    write_results(out, metrics, config=cfg)
+            scores.update({prefix + key: value for key, value in result.scores[name].items()})
+    scores.update({k: v for k, v in patch.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    details = {"features": label, "layer": None if cfg.init == "hog" else cfg.layer,
+               "dims": int(context_feats.shape[1]), "pca_dim": pca_dim, "metric": cfg.metric, "index": index.kind,
+               "database": index.ntotal, "queries": int(len(query_images)), "leave_one_out": cfg.leave_one_out,
+               "k": int(result.neighbour_ids.shape[1]), **patch, "calibration": calibration,
+               "timings": {k: round(v, 2) for k, v in timings.items()}}
+    metrics = write_results(exp, scores, details, checkpoint=checkpoint)
     print(f"outputs in {out}/")
     return metrics
 
