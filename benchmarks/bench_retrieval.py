@@ -8,8 +8,8 @@ mirror images) go through the AlexNet trunk up to conv5, and each of conv5's 13 
 5,900 forward passes. FAISS PCA reduces them to --dim (trained on 100k of them). Queries are positions of
 crops of held-out photos, never in the database. The trunk is a context-encoder run when --init names one
 (default: runs/default if it exists), else `random` (Gaussian, after the Krähenbühl et al. rescaling every
-transfer task applies), so the vectors have the structure of real images either way; uniformly random vectors would make approximate
-indexes look far worse than they are.
+transfer task applies), so the vectors have the structure of real images either way; uniformly random vectors
+would make approximate indexes look far worse than they are.
 
 For each size: build time, queries/s (one batch of --queries, all threads, fastest of
 >= 2 passes) and recall@10 against the exact
