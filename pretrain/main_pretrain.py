@@ -58,9 +58,7 @@ class PretrainConfig:
     lambda_adv: float = field(0.001, "weight of the adversarial loss (0: reconstruction only, no discriminator)")
     lr: float = field(1e-3, "Adam learning rate of the generator (the context encoder)")
     lr_d_ratio: float = field(0.1, "discriminator lr = lr x this (paper: generator 10x the discriminator)")
-    lr_schedule: str = field("constant", "constant (the paper's) or cosine (both lrs decay to 0 over --steps; on the "
-                                         "default 2-CPU budget it ended worse: held-out L1 13.3% at step 330, the "
-                                         "constant lr 12.5% at 300)",
+    lr_schedule: str = field("constant", "constant (the paper's) or cosine (both lrs decay to 0 over --steps)",
                              choices=("constant", "cosine"))
     beta1: float = field(0.5, "Adam beta1")
     batch_size: int = field(64, "global batch size (split evenly over DDP processes)")
