@@ -13,6 +13,7 @@ from torch.utils.data import Dataset, Subset
 from pretrain.data.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    DatasetFormatError,
     DatasetNotFoundError,
     ImageFolderDataset,
     UnreadableImageError,
@@ -21,11 +22,12 @@ from pretrain.data.images import (
     skip_none_collate,
 )
 from pretrain.data.synthetic import builtin_voc_root
-from pretrain.data.voc import VOCDataset, VOCInfo, find_year_dir, read_voc_info
+from pretrain.data.voc import VOCDataset, VOCInfo, find_year_dir, read_voc_info, validate_voc_split
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DatasetNotFoundError", "ImageFolderDataset", "UnreadableImageError",
-           "VOCDataset", "VOCInfo", "builtin_voc_root", "find_year_dir", "list_images", "load_rgb",
-           "open_pretraining_images", "read_voc_info", "resolve_voc_root", "skip_none_collate"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DatasetFormatError", "DatasetNotFoundError", "ImageFolderDataset",
+           "UnreadableImageError", "VOCDataset", "VOCInfo", "builtin_voc_root", "find_year_dir", "list_images",
+           "load_rgb", "open_pretraining_images", "read_voc_info", "resolve_voc_root", "skip_none_collate",
+           "validate_voc_split"]
 
 
 def resolve_voc_root(data: str, cache_dir: str | Path | None = None, builtin_images: int = 2000) -> Path:
