@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import default_collate
 
-from pretrain.errors import UserError
+from pretrain.errors import UserError, list_problems
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -110,6 +110,21 @@ def load_rgb(path: str | Path, min_size: int = 16) -> Image.Image:
             "remove the file or replace it with a larger image",
         )
     return rgb
+
+
+def check_images_readable(paths: Sequence[Path], what: str, fix: str, min_size: int = 16) -> None:
+    """Fully decode each file (as `load_rgb`); a UserError naming up to 5 unreadable ones (then a count) and `fix`.
+
+    For image sets that must not lose a file silently, such as a held-out split that every evaluation scores."""
+    problems = []
+    for path in paths:
+        try:
+            load_rgb(path, min_size=min_size)
+        except UnreadableImageError as err:
+            problems.append(f"{path} ({err.reason})")
+    if problems:
+        raise UserError(f"{len(problems)} of the {len(paths)} {what} cannot be read: {list_problems(problems)}. "
+                        f"Fix: {fix}")
 
 
 def _is_image_file(path: Path) -> bool:
