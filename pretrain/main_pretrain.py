@@ -81,16 +81,20 @@ class PretrainConfig:
     ckpt_every: int = field(100, "steps between checkpoints (one is always written at the end)")
     keep_checkpoints: int = field(3, "how many checkpoints to keep")
     eval_images: int = field(256, "held-out images used for L1/L2/PSNR (0: the whole held-out split)")
-    resume: bool = field(False, "continue from the newest readable checkpoint in the run folder, with the options "
-                                "it was started with (only those in RESUMABLE_CHANGES may differ)")
+    resume: bool = field(False, "continue from the newest readable checkpoint in the run folder, with the options it "
+                                "was started with; only --steps (not with --lr-schedule cosine), --stop-at, --log-every, "
+                                "--ckpt-every, --keep-checkpoints, --workers, --device, --channels-last, --eval-images, "
+                                "--strict-images, --data-cache and --output-dir may differ")
     overwrite: bool = field(False, "start over in a run folder that holds an earlier run, after moving that run "
                                    "aside to <name>.replaced-<date>-<time>")
-    strict_images: bool = field(False, "stop at the first unreadable image instead of skipping and counting it")
+    strict_images: bool = field(False, "stop at the first unreadable training image instead of skipping and counting "
+                                       "it (held-out images are always checked before the first step)")
 
 
-# Options a --resume may change: when to stop, how often to log and save, how the data is loaded, where and how
-# fast it runs, how much is evaluated. Any other option changes what the continued steps compute, so the result
-# would match neither the old options nor the new ones. With the cosine schedule --steps sets every step's lr.
+# Options a --resume may change (--resume's help lists them too): when to stop, how often to log and save, how
+# the data is loaded, where and how fast it runs, how much is evaluated. Any other option changes what the
+# continued steps compute, so the result would match neither the old options nor the new ones. With the cosine
+# schedule --steps sets every step's lr.
 RESUMABLE_CHANGES = frozenset({
     "name", "output_dir", "data_cache", "steps", "stop_at", "log_every", "ckpt_every", "keep_checkpoints",
     "workers", "device", "channels_last", "eval_images", "strict_images", "resume", "overwrite",

@@ -14,7 +14,7 @@ import torch
 import pretrain.checkpoint
 from pretrain.checkpoint import CheckpointWriteError, UnreadableCheckpointError, atomic_torch_save, list_checkpoints
 from pretrain.errors import UserError
-from pretrain.main_pretrain import PretrainConfig, check_resumable, main
+from pretrain.main_pretrain import RESUMABLE_CHANGES, PretrainConfig, check_resumable, main
 from pretrain.run_folder import LOCK_FILE, RunFolderBusyError, config_changes, hold_run_folder
 
 
@@ -88,6 +88,8 @@ def test_only_the_allow_list_may_change_on_resume():
     cosine = dataclasses.asdict(PretrainConfig(lr_schedule="cosine"))
     with pytest.raises(UserError, match="steps: 380 -> 900.*cosine"):  # cosine: --steps sets every lr
         check_resumable(PretrainConfig(lr_schedule="cosine", steps=900), cosine, "config.json")
+    resume_help = next(f.metadata["help"] for f in dataclasses.fields(PretrainConfig) if f.name == "resume")
+    assert {n for n in RESUMABLE_CHANGES if f"--{n.replace('_', '-')}" not in resume_help} == {"name", "resume", "overwrite"}
     # an option the stored run predates is compared with its default: how that run behaved
     assert config_changes({"lr": 1.0}, {"lr": 1.0, "beta1": 0.9}, (), {"beta1": 0.5}) == ["beta1: 0.5 -> 0.9"]
 
