@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import typing
 from dataclasses import fields
 from typing import Any, TypeVar
@@ -29,22 +30,20 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> argparse.A
         kind = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
+        # argparse %-formats every help string: a literal % (in the text or the default) must be doubled
+        help_text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
         origin = typing.get_origin(kind)
         if kind is bool:
-            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=default,
-                                help=f"{help_text} (default: {default})")
+            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=default, help=help_text)
         elif origin in (tuple, list):
             inner = typing.get_args(kind)[0]
-            parser.add_argument(flag, type=inner, nargs="+", default=default,
-                                help=f"{help_text} (default: {default})")
+            parser.add_argument(flag, type=inner, nargs="+", default=default, help=help_text)
         elif origin is typing.Union:  # Optional[X]
             inner = next(a for a in typing.get_args(kind) if a is not type(None))
-            parser.add_argument(flag, type=inner, default=default, help=f"{help_text} (default: {default})")
+            parser.add_argument(flag, type=inner, default=default, help=help_text)
         else:
             choices = f.metadata.get("choices")
-            parser.add_argument(flag, type=kind, default=default, choices=choices,
-                                help=f"{help_text} (default: {default})")
+            parser.add_argument(flag, type=kind, default=default, choices=choices, help=help_text)
     return parser
 
 
@@ -60,12 +59,32 @@ def dataclass_from_args(cls: type[T], args: argparse.Namespace) -> T:
     return cls(**values)
 
 
+class _ShortErrorParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line: the full usage of forty flags would bury the message."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (--help lists every option)\n")
+
+
+def _command_name() -> str | None:
+    """`python -m <module>` when the running program was started that way (argparse would say `__main__.py`)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is None or not spec.name:
+        return None
+    return f"python -m {spec.name.removesuffix('.__main__')}"
+
+
+def build_parser(cls: type, description: str = "") -> argparse.ArgumentParser:
+    """The command-line parser of a dataclass config: one flag per field; errors in one line."""
+    # Each flag's help already ends with its default (add_dataclass_args), so no ArgumentDefaultsHelpFormatter.
+    parser = _ShortErrorParser(prog=_command_name(), description=description,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    return add_dataclass_args(parser, cls)
+
+
 def parse_config(cls: type[T], argv: list[str] | None = None, description: str = "") -> T:
     """Parse `argv` into a `cls` instance; `--help` lists every field."""
-    # Each flag's help already ends with its default (add_dataclass_args), so no ArgumentDefaultsHelpFormatter.
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_args(parser, cls)
-    return dataclass_from_args(cls, parser.parse_args(argv))
+    return dataclass_from_args(cls, build_parser(cls, description).parse_args(argv))
 
 
 def field(default: Any, help: str = "", choices: tuple | None = None) -> Any:  # noqa: A002

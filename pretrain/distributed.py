@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import os
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -35,3 +38,13 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
     t = torch.tensor(value, device=device, dtype=torch.float64)
     dist.all_reduce(t)
     return (t / dist.get_world_size()).item()
+
+
+def broadcast_from_main(value: T) -> T:
+    """Rank 0's `value` (any picklable object) on every rank (identity without DDP): a decision only rank 0
+    can take, e.g. that the run folder is taken, reaches the ranks that would otherwise wait for it."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -10,6 +10,7 @@ from torch import nn
 from torchvision.utils import save_image
 
 from pretrain.dataset import denormalize
+from pretrain.errors import UserError
 from pretrain.losses import discriminator_loss, generator_adversarial_loss, masked_l2_loss, reconstruction_weights
 
 
@@ -104,6 +105,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none") 
             sums[name][1] += l2
         count += n
     model.train()
+    if count == 0:  # every batch was skipped: metrics of 0 error and infinite PSNR would be a lie
+        raise UserError("no held-out image could be read, so nothing was evaluated (see the warnings above)")
     out: dict[str, float] = {}
     for name, (l1, l2) in sums.items():
         mse = l2 / max(count, 1.0)

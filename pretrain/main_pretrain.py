@@ -9,8 +9,8 @@ import dataclasses
 import json
 import math
 import random
-import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,18 +25,21 @@ from pretrain.checkpoint import (
     capture_rng_state,
     load_latest_checkpoint,
     load_state_dict_checked,
+    remove_temporary_checkpoints,
     restore_rng_state,
     save_checkpoint,
 )
-from pretrain.config import field, parse_config
-from pretrain.data import open_pretraining_images, skip_none_collate
+from pretrain.config import field
+from pretrain.data import check_images_readable, image_paths, open_pretraining_images, skip_none_collate
 from pretrain.dataset import InpaintingDataset, StreamSampler
-from pretrain.distributed import all_reduce_mean, init_distributed, is_main_process
+from pretrain.distributed import all_reduce_mean, broadcast_from_main, init_distributed, is_main_process
 from pretrain.engine import evaluate, save_sample_grid, train_step
+from pretrain.errors import UserError, run_cli
 from pretrain.health import context_encoder_health, format_health
 from pretrain.hub import build_generator
 from pretrain.masks import MASK_TYPES, shapes_from_segmentations
 from pretrain.models import Discriminator
+from pretrain.run_folder import claim_run_folder, config_changes
 
 
 @dataclass
@@ -59,9 +62,7 @@ class PretrainConfig:
     lambda_adv: float = field(0.001, "weight of the adversarial loss (0: reconstruction only, no discriminator)")
     lr: float = field(1e-3, "Adam learning rate of the generator (the context encoder)")
     lr_d_ratio: float = field(0.1, "discriminator lr = lr x this (paper: generator 10x the discriminator)")
-    lr_schedule: str = field("constant", "constant (the paper's) or cosine (both lrs decay to 0 over --steps; on the "
-                                         "default 2-CPU budget it ended worse: held-out L1 13.3% at step 330, the "
-                                         "constant lr 12.5% at 300)",
+    lr_schedule: str = field("constant", "constant (the paper's) or cosine (both lrs decay to 0 over --steps)",
                              choices=("constant", "cosine"))
     beta1: float = field(0.5, "Adam beta1")
     batch_size: int = field(64, "global batch size (split evenly over DDP processes)")
@@ -81,8 +82,28 @@ class PretrainConfig:
     ckpt_every: int = field(100, "steps between checkpoints (one is always written at the end)")
     keep_checkpoints: int = field(3, "how many checkpoints to keep")
     eval_images: int = field(256, "held-out images used for L1/L2/PSNR (0: the whole held-out split)")
-    resume: bool = field(False, "continue from the newest readable checkpoint in the run folder")
-    strict_images: bool = field(False, "stop at the first unreadable image instead of skipping and counting it")
+    resume: bool = field(False, "continue from the newest readable checkpoint in the run folder, with the options it "
+                                "was started with; only --steps (not with --lr-schedule cosine), --stop-at, --log-every, "
+                                "--ckpt-every, --keep-checkpoints, --workers, --device, --channels-last, --eval-images, "
+                                "--strict-images, --data-cache and --output-dir may differ")
+    overwrite: bool = field(False, "start over in a run folder that holds an earlier run, after moving that run "
+                                   "aside to <name>.replaced-<date>-<time>")
+    strict_images: bool = field(False, "stop at the first unreadable training image instead of skipping and counting "
+                                       "it (held-out images are always checked before the first step)")
+
+
+# Options a --resume may change (--resume's help lists them too): when to stop, how often to log and save, how
+# the data is loaded, where and how fast it runs, how much is evaluated. Any other option changes what the
+# continued steps compute, so the result would match neither the old options nor the new ones. With the cosine
+# schedule --steps sets every step's lr.
+RESUMABLE_CHANGES = frozenset({
+    "name", "output_dir", "data_cache", "steps", "stop_at", "log_every", "ckpt_every", "keep_checkpoints",
+    "workers", "device", "channels_last", "eval_images", "strict_images", "resume", "overwrite",
+})
+
+
+class TrainingDivergedError(UserError, FloatingPointError):
+    """The loss, the weights or the held-out metrics became NaN or infinite; the last good checkpoint is kept."""
 
 
 def build_models(cfg: PretrainConfig) -> tuple[nn.Module, nn.Module | None]:
@@ -115,6 +136,12 @@ def lr_at(cfg: PretrainConfig, step: int) -> float:
 def build_data(cfg: PretrainConfig, rank: int, world_size: int, start_step: int):
     train_images, val_images, label_maps = open_pretraining_images(
         cfg.data, cache_dir=cfg.data_cache or None, builtin_images=cfg.builtin_images, strict=cfg.strict_images)
+    n_eval = min(cfg.eval_images, len(val_images)) if cfg.eval_images else len(val_images)
+    # Training skips an unreadable image and counts it; evaluation may not: every evaluation of a run (and of
+    # the runs it is compared with) must score the same images.
+    check_images_readable(image_paths(val_images)[:n_eval], "held-out images",
+                          "re-encode or replace them, or remove them from the held-out split (the val list of a "
+                          "VOC root; for an image folder, every 20th file); held-out images are never skipped.")
     crop, mask, fraction = effective_masking(cfg)
     # Random regions take object silhouettes from the data's own masks when it has them (paper: VOC shapes).
     shapes = shapes_from_segmentations(label_maps) if mask == "random_region" and label_maps else None
@@ -139,20 +166,75 @@ def build_data(cfg: PretrainConfig, rank: int, world_size: int, start_step: int)
 
 def main(cfg: PretrainConfig) -> dict[str, float]:
     if cfg.batch_size <= 0 or cfg.steps < 0:
-        raise ValueError("--batch-size must be positive and --steps non-negative")
+        raise UserError("--batch-size must be positive and --steps non-negative")
     retain_freed_memory()  # each step reuses the last step's freed tensors instead of page-faulting new ones
     rank, world_size, device = init_distributed()
     if cfg.device != "auto" and torch.device(cfg.device).type != device.type:
         device = torch.device(cfg.device)  # a type change only: under torchrun each rank keeps its own GPU index
     if cfg.batch_size % world_size:
-        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {world_size} processes")
+        raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {world_size} processes")
     if cfg.amp == "fp16" and device.type != "cuda":
-        raise ValueError("--amp fp16 needs CUDA; on a CPU use --amp bf16 or none")
+        raise UserError("--amp fp16 needs CUDA; on a CPU use --amp bf16 or none")
     run_dir = Path(cfg.output_dir) / cfg.name
     main_proc = is_main_process()
-    if main_proc:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as run_folder:
+        failure = None
+        if main_proc:  # only rank 0 writes the run folder, so only it owns it
+            try:
+                moved_to = run_folder.enter_context(claim_run_folder(run_dir, cfg.resume, cfg.overwrite))
+                if moved_to is not None:
+                    print(f"moved the earlier run in {run_dir} to {moved_to}")
+                for path in remove_temporary_checkpoints(run_dir):
+                    print(f"removed {path.name}, left by a checkpoint write that was killed midway")
+                stored = run_dir / "config.json"
+                if cfg.resume and stored.is_file():
+                    check_resumable(cfg, _read_config(stored), stored)
+            except UserError as err:
+                failure = err
+        # The other ranks stop too, instead of waiting for rank 0 in the first collective.
+        message = broadcast_from_main(None if failure is None else str(failure))
+        if failure is not None:
+            raise failure
+        if message is not None:
+            raise UserError(message)
+        return _train(cfg, run_dir, rank, world_size, device)
 
+
+def _read_config(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is damaged ({err}); --resume compares the options with it. Restore it from a backup, "
+                        f"or start a new run (another --name, or --overwrite).") from err
+
+
+def check_resumable(cfg: PretrainConfig, stored: dict, source: Path) -> None:
+    """UserError listing every option that differs from the stored run's (`source`: its config.json or
+    checkpoint), except those a resume may change (RESUMABLE_CHANGES)."""
+    allowed = RESUMABLE_CHANGES - ({"steps"} if cfg.lr_schedule == "cosine" else set())
+    changes = config_changes(stored, dataclasses.asdict(cfg), allowed, dataclasses.asdict(PretrainConfig()))
+    if changes:
+        why = " (with --lr-schedule cosine, --steps sets every step's lr)" if any(
+            c.startswith("steps:") for c in changes) else ""
+        raise UserError(f"--resume with other options than the run was made with ({source}): {'; '.join(changes)}"
+                        f"{why}. Continue it with its own options, or start a new run: another --name, or --overwrite.")
+
+
+START_AGAIN = "Start a new run (another --name, or --overwrite) with a lower --lr, or with --amp none."
+
+
+def _diverged(what: str, last_good: Path | None) -> TrainingDivergedError:
+    kept = f"the last good checkpoint, {last_good}, is kept" if last_good else "there is no earlier checkpoint"
+    return TrainingDivergedError(f"{what}. Stopped; {kept}. {START_AGAIN}")
+
+
+def _non_finite_parameters(*modules: nn.Module | None) -> list[str]:
+    return [name for m in modules if m is not None for name, p in _unwrap(m).named_parameters()
+            if not torch.isfinite(p).all()]
+
+
+def _train(cfg: PretrainConfig, run_dir: Path, rank: int, world_size: int, device: torch.device) -> dict[str, float]:
+    main_proc = is_main_process()
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -170,13 +252,16 @@ def main(cfg: PretrainConfig) -> dict[str, float]:
              if disc is not None else None)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
 
-    start_step, skipped = 0, 0
+    start_step, skipped, last_good = 0, 0, None
     if cfg.resume:
-        found = load_latest_checkpoint(run_dir)
+        found = load_latest_checkpoint(run_dir)  # a UserError when there are checkpoints but none is readable
         if found is None:
-            print(f"--resume: no checkpoint in {run_dir}, starting from scratch", file=sys.stderr)
+            if main_proc:
+                print(f"--resume: no checkpoint in {run_dir} yet, starting at step 0")
         else:
             ckpt, path = found
+            check_resumable(cfg, ckpt.get("config", {}), path)
+            last_good = path
             load_state_dict_checked(model, ckpt["model"], str(path))
             if disc is not None and ckpt.get("discriminator") is not None:
                 load_state_dict_checked(disc, ckpt["discriminator"], str(path))
@@ -222,42 +307,49 @@ def main(cfg: PretrainConfig) -> dict[str, float]:
     end_step = min(cfg.stop_at, cfg.steps) if cfg.stop_at > 0 else cfg.steps
     progress = tqdm(range(start_step, end_step), initial=start_step, total=cfg.steps, disable=not main_proc,
                     dynamic_ncols=True, desc="pretrain")
-    last_good = None
-    for step in progress:
-        batch, n_skipped = next(batches)
-        skipped += n_skipped
-        if n_skipped and main_proc:
-            progress.write(f"skipped {n_skipped} unreadable image(s) at step {step + 1} ({skipped} so far)")
-        if batch is None:
-            continue
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        lr = lr_at(cfg, step)
-        for group in opt_g.param_groups:
-            group["lr"] = lr
-        for group in opt_d.param_groups if opt_d is not None else ():
-            group["lr"] = lr * cfg.lr_d_ratio
-        if cfg.channels_last:
-            batch["input"] = batch["input"].contiguous(memory_format=torch.channels_last)
-        try:
-            losses = train_step(ddp_model, disc, batch, opt_g, opt_d, scaler, cfg.lambda_rec, cfg.lambda_adv,
-                                cfg.overlap, cfg.overlap_weight, cfg.amp, device)
-        except FloatingPointError as err:
-            kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-            raise FloatingPointError(f"step {step + 1}: {err}. Stopping; {kept}. Lower --lr or use --amp none.") from err
-        window_images += batch["input"].shape[0] * world_size
-        window_losses.append(losses)
-        done = step + 1
-        if done % cfg.log_every == 0 or done == end_step:
-            rate = window_images / (time.perf_counter() - window_start)
-            row = {k: all_reduce_mean(float(np.mean([w[k] for w in window_losses])), device) for k in fields[1:5]}
-            row.update(step=done, images_per_s=round(rate, 1), skipped_images=skipped)
-            if main_proc:
-                _append_csv(metrics_path, fields, row)
-            progress.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{rate:.0f}")
-            window_images, window_start, window_losses = 0, time.perf_counter(), []
-        if done % cfg.ckpt_every == 0 or done == end_step:
-            last_good = checkpoint(done) or last_good
-    progress.close()
+    try:
+        for step in progress:
+            batch, n_skipped = next(batches)
+            skipped += n_skipped
+            if n_skipped and main_proc:
+                progress.write(f"skipped {n_skipped} unreadable image(s) at step {step + 1} ({skipped} so far)")
+            if batch is None:
+                continue
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            lr = lr_at(cfg, step)
+            for group in opt_g.param_groups:
+                group["lr"] = lr
+            for group in opt_d.param_groups if opt_d is not None else ():
+                group["lr"] = lr * cfg.lr_d_ratio
+            if cfg.channels_last:
+                batch["input"] = batch["input"].contiguous(memory_format=torch.channels_last)
+            try:
+                losses = train_step(ddp_model, disc, batch, opt_g, opt_d, scaler, cfg.lambda_rec, cfg.lambda_adv,
+                                    cfg.overlap, cfg.overlap_weight, cfg.amp, device)
+            except FloatingPointError as err:
+                raise _diverged(f"step {step + 1}: {err}", last_good) from err
+            window_images += batch["input"].shape[0] * world_size
+            window_losses.append(losses)
+            done = step + 1
+            if done % cfg.log_every == 0 or done == end_step:
+                rate = window_images / (time.perf_counter() - window_start)
+                row = {k: all_reduce_mean(float(np.mean([w[k] for w in window_losses])), device) for k in fields[1:5]}
+                row.update(step=done, images_per_s=round(rate, 1), skipped_images=skipped)
+                if main_proc:
+                    _append_csv(metrics_path, fields, row)
+                progress.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{rate:.0f}")
+                window_images, window_start, window_losses = 0, time.perf_counter(), []
+            if done % cfg.ckpt_every == 0 or done == end_step:
+                # A finite loss can still leave non-finite weights (an lr so large the update overflows). Every
+                # rank checks, as DDP keeps their weights equal, so all ranks stop together.
+                diverged = _non_finite_parameters(model, disc)
+                if diverged:
+                    raise _diverged(f"after step {done} the weights are not finite ({', '.join(diverged[:3])}"
+                                    f"{', ...' if len(diverged) > 3 else ''}), so no checkpoint was written for it",
+                                    last_good)
+                last_good = checkpoint(done) or last_good
+    finally:
+        progress.close()  # the bar's last line comes before an error message, not after it
     if start_step >= end_step and main_proc:
         print(f"nothing to train: the run is already at step {start_step} of {cfg.steps} (raise --steps to go on)")
 
@@ -265,9 +357,14 @@ def main(cfg: PretrainConfig) -> dict[str, float]:
     if main_proc:
         results = evaluate(model, val_loader, device, cfg.amp)
         results.update(step=max(start_step, end_step), train_minutes=(time.time() - start) / 60, skipped_images=skipped)
+        overflowed = [k for k, v in results.items() if isinstance(v, float) and not math.isfinite(v)]
+        if overflowed:  # JSON has no NaN or infinity; a reader would choke on the file or average a NaN in
+            raise TrainingDivergedError(f"after step {results['step']} the held-out {', '.join(overflowed)} are not "
+                                        f"finite (the model's outputs overflow); eval.json was not written. {START_AGAIN}")
         held_out = next(b for b, _ in val_loader if b is not None)
         health = context_encoder_health(model, held_out["target"].to(device), seed=cfg.seed)  # unmasked images
-        (run_dir / "eval.json").write_text(json.dumps({**results, "feature_health": health} if health else results, indent=2))
+        (run_dir / "eval.json").write_text(json.dumps({**results, "feature_health": health} if health else results,
+                                                      indent=2, allow_nan=False))
         sample = {k: v[:8] for k, v in held_out.items()}
         save_sample_grid(model, sample, run_dir / "samples" / f"step-{results['step']:08d}.png", device, cfg.amp)
         print(f"held-out ({n_val if not cfg.eval_images else min(n_val, cfg.eval_images)} images, over the hole): "
@@ -306,4 +403,4 @@ def _truncate_metrics(path: Path, fields: list[str], step: int) -> None:
 
 
 def cli(argv: list[str] | None = None) -> dict[str, float]:
-    return main(parse_config(PretrainConfig, argv, description=__doc__ or ""))
+    return run_cli(main, PretrainConfig, argv, description=__doc__ or "")

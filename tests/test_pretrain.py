@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import pretrain.engine
-from pretrain.checkpoint import list_checkpoints
-from pretrain.main_pretrain import PretrainConfig, lr_at, main
+from pretrain.checkpoint import list_checkpoints, load_state_dict_checked
+from pretrain.errors import UserError
+from pretrain.main_pretrain import PretrainConfig, build_models, lr_at, main
 
 
 def _cfg(tmp_path, data, **kw):
@@ -70,8 +71,14 @@ def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, tiny_voc)
 
 def test_checkpoint_of_another_architecture_is_refused_by_name(tmp_path, tiny_voc):
     main(_cfg(tmp_path, tiny_voc, name="arch", steps=2))
-    with pytest.raises(ValueError, match=r"checkpoint-00000002\.pth.*does not fit"):
+    # --resume compares the options first: the changed encoder is named before any weights are loaded
+    with pytest.raises(UserError, match=r"config\.json\): encoder: 'alexnet' -> 'alexnet-poolfree'"):
         main(_cfg(tmp_path, tiny_voc, name="arch", steps=4, resume=True, encoder="alexnet-poolfree"))
+    ckpt = torch.load(list_checkpoints(tmp_path / "arch")[-1], weights_only=False)
+    with pytest.raises(ValueError, match=r"checkpoint-00000002\.pth does not fit.*--encoder alexnet-poolfree.*"
+                                         r"see .*arch/config\.json"):
+        load_state_dict_checked(build_models(_cfg(tmp_path, tiny_voc, encoder="alexnet-poolfree"))[0], ckpt["model"],
+                                str(list_checkpoints(tmp_path / "arch")[-1]))
 
 
 def test_non_finite_loss_stops_naming_the_step(tmp_path, tiny_voc, monkeypatch):

@@ -13,19 +13,22 @@ from torch.utils.data import Dataset, Subset
 from pretrain.data.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    DatasetFormatError,
     DatasetNotFoundError,
     ImageFolderDataset,
     UnreadableImageError,
+    check_images_readable,
     list_images,
     load_rgb,
     skip_none_collate,
 )
 from pretrain.data.synthetic import builtin_voc_root
-from pretrain.data.voc import VOCDataset, VOCInfo, find_year_dir, read_voc_info
+from pretrain.data.voc import VOCDataset, VOCInfo, find_year_dir, read_voc_info, validate_voc_split
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DatasetNotFoundError", "ImageFolderDataset", "UnreadableImageError",
-           "VOCDataset", "VOCInfo", "builtin_voc_root", "find_year_dir", "list_images", "load_rgb",
-           "open_pretraining_images", "read_voc_info", "resolve_voc_root", "skip_none_collate"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DatasetFormatError", "DatasetNotFoundError", "ImageFolderDataset",
+           "UnreadableImageError", "VOCDataset", "VOCInfo", "builtin_voc_root", "check_images_readable",
+           "find_year_dir", "image_paths", "list_images", "load_rgb", "open_pretraining_images", "read_voc_info",
+           "resolve_voc_root", "skip_none_collate", "validate_voc_split"]
 
 
 def resolve_voc_root(data: str, cache_dir: str | Path | None = None, builtin_images: int = 2000) -> Path:
@@ -37,6 +40,19 @@ def resolve_voc_root(data: str, cache_dir: str | Path | None = None, builtin_ima
         raise DatasetNotFoundError(path, "a Pascal VOC root (VOC<year>/JPEGImages, Annotations, ImageSets) "
                                          "or 'builtin' for the generated dataset")
     return path
+
+
+def image_paths(images: Dataset) -> list[Path]:
+    """The file behind each item of a dataset from `open_pretraining_images` (a VOCDataset, an ImageFolderDataset
+    or a Subset of one), in item order."""
+    if isinstance(images, Subset):
+        files = image_paths(images.dataset)
+        return [files[i] for i in images.indices]
+    if isinstance(images, VOCDataset):
+        return [images.image_path(i) for i in range(len(images))]
+    if isinstance(images, ImageFolderDataset):
+        return list(images.files)
+    raise TypeError(f"image_paths: no files known for a {type(images).__name__}")
 
 
 def _is_voc(path: Path) -> bool:

@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 from torch.utils.data import default_collate
 
+from pretrain.errors import UserError, list_problems
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")  # matched case-insensitively
@@ -24,7 +26,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")  # matched case-insensitiv
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-class UnreadableImageError(ValueError):
+class UnreadableImageError(UserError, ValueError):
     """A file that cannot be decoded into a usable RGB image (corrupt, truncated, not an image, too small)."""
 
     def __init__(self, path: str | Path, reason: str, fix: str | None = None):
@@ -38,7 +40,7 @@ class UnreadableImageError(ValueError):
         return type(self), (self.path, self.reason, self.fix)
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
     """A dataset folder that does not exist or does not hold what was expected."""
 
     def __init__(self, path: str | Path, expected: str):
@@ -51,6 +53,11 @@ class DatasetNotFoundError(FileNotFoundError):
 
     def __reduce__(self):
         return type(self), (self.path, self.expected)
+
+
+class DatasetFormatError(UserError, ValueError):
+    """A dataset file that exists but whose contents are wrong (malformed XML, a box outside its image, an unknown
+    class name, a mask value that is no class); the message names the file and the fix."""
 
 
 class SkippedImageWarning(UserWarning):
@@ -99,10 +106,25 @@ def load_rgb(path: str | Path, min_size: int = 16) -> Image.Image:
     if min(rgb.size) < min_size:
         raise UnreadableImageError(
             path,
-            f"too small: {rgb.size[0]}x{rgb.size[1]} px, short side below min_size={min_size}",
-            "remove the file or lower min_size",
+            f"too small: {rgb.size[0]}x{rgb.size[1]} px, short side below {min_size} px",
+            "remove the file or replace it with a larger image",
         )
     return rgb
+
+
+def check_images_readable(paths: Sequence[Path], what: str, fix: str, min_size: int = 16) -> None:
+    """Fully decode each file (as `load_rgb`); a UserError naming up to 5 unreadable ones (then a count) and `fix`.
+
+    For image sets that must not lose a file silently, such as a held-out split that every evaluation scores."""
+    problems = []
+    for path in paths:
+        try:
+            load_rgb(path, min_size=min_size)
+        except UnreadableImageError as err:
+            problems.append(f"{path} ({err.reason})")
+    if problems:
+        raise UserError(f"{len(problems)} of the {len(paths)} {what} cannot be read: {list_problems(problems)}. "
+                        f"Fix: {fix}")
 
 
 def _is_image_file(path: Path) -> bool:

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pretrain.data.images import IMAGE_EXTENSIONS, DatasetNotFoundError, load_rgb_or_skip
+from pretrain.data.images import IMAGE_EXTENSIONS, DatasetFormatError, DatasetNotFoundError, load_rgb_or_skip
+from pretrain.errors import list_problems
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
@@ -116,11 +117,11 @@ def _read_class_list(path: Path) -> list[str]:
     names = [line.strip() for line in path.read_text().splitlines()]
     names = [n for n in names if n and not n.startswith("#")]
     if not names:
-        raise ValueError(f"{path}: class list is empty. Fix: write one class name per line.")
+        raise DatasetFormatError(f"{path}: class list is empty. Fix: write one class name per line.")
     keys = [normalize_class_name(n) for n in names]
     dupes = sorted({n for n, k in zip(names, keys) if keys.count(k) > 1})
     if dupes:
-        raise ValueError(f"{path}: duplicate class names {dupes} (compared ignoring case, spaces and '/').")
+        raise DatasetFormatError(f"{path}: duplicate class names {dupes} (compared ignoring case, spaces and '/').")
     return names
 
 
@@ -140,7 +141,7 @@ def read_voc_info(root: str | Path, year: int | str | None = None) -> VOCInfo:
                 names = _read_class_list(path)
                 if names[0].lower() in BACKGROUND_NAMES:
                     if len(names) == 1:
-                        raise ValueError(f"{path}: lists only the background class. Fix: add the classes.")
+                        raise DatasetFormatError(f"{path}: lists only the background class. Fix: add the classes.")
                     return VOCInfo(year_dir, tuple(names[1:]), tuple(names))
                 return VOCInfo(year_dir, tuple(names), tuple(names))
     return VOCInfo(year_dir, VOC_CLASSES, ("background",) + VOC_CLASSES)
@@ -163,7 +164,7 @@ def read_split_ids(year_dir: str | Path, split: str, task: str = "Main") -> list
         raise DatasetNotFoundError(path, f"the list of split {split!r}; {folder} does not exist")
     ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
     if not ids:
-        raise ValueError(f"{path}: split list is empty. Fix: write one image id per line.")
+        raise DatasetFormatError(f"{path}: split list is empty. Fix: write one image id per line.")
     return ids
 
 
@@ -177,11 +178,11 @@ def _text(elem: ET.Element | None) -> str:
 def _required_number(parent: ET.Element, tag: str, path: Path, where: str) -> float:
     text = _text(parent.find(tag))
     if not text:
-        raise ValueError(f"{path}: missing or empty <{tag}> in {where}. Fix: add the field.")
+        raise DatasetFormatError(f"{path}: missing or empty <{tag}> in {where}. Fix: add the field.")
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"{path}: <{tag}> in {where} is {text!r}, not a number.") from None
+        raise DatasetFormatError(f"{path}: <{tag}> in {where} is {text!r}, not a number.") from None
 
 
 def parse_annotation(xml_path: str | Path, classes: Sequence[str]) -> dict[str, Any]:
@@ -191,7 +192,7 @@ def parse_annotation(xml_path: str | Path, classes: Sequence[str]) -> dict[str, 
     labels=int64 (N,) indices into `classes`, difficult=bool (N,), size=(H, W)).
     Accepts labelme output: float coordinates, empty `<difficult/>` (= 0), empty/missing optional elements.
     Class names match ignoring case, spaces, '_', '-' and '/'. Boxes up to BOX_TOLERANCE_PX outside the image
-    are clipped. Raises ValueError naming the file and field for malformed XML, missing size/name/bndbox
+    are clipped. Raises DatasetFormatError (a ValueError) naming the file and field for malformed XML, missing size/name/bndbox
     fields, unknown classes, empty boxes and boxes further outside the image.
     """
     path = Path(xml_path)
@@ -200,15 +201,15 @@ def parse_annotation(xml_path: str | Path, classes: Sequence[str]) -> dict[str, 
     except FileNotFoundError:
         raise DatasetNotFoundError(path, "a VOC annotation XML for this image id") from None
     except ET.ParseError as exc:
-        raise ValueError(f"{path}: not valid XML ({exc}). Fix: regenerate the annotation file.") from None
+        raise DatasetFormatError(f"{path}: not valid XML ({exc}). Fix: regenerate the annotation file.") from None
     root = tree.getroot()
     size = root.find("size")
     if size is None:
-        raise ValueError(f"{path}: missing <size>. Fix: add <size><width>W</width><height>H</height></size>.")
+        raise DatasetFormatError(f"{path}: missing <size>. Fix: add <size><width>W</width><height>H</height></size>.")
     width = _required_number(size, "width", path, "<size>")
     height = _required_number(size, "height", path, "<size>")
     if width <= 0 or height <= 0:
-        raise ValueError(f"{path}: <size> is {width:g}x{height:g}; it must be the image's width/height.")
+        raise DatasetFormatError(f"{path}: <size> is {width:g}x{height:g}; it must be the image's width/height.")
     index = _class_index(classes)
 
     boxes, labels, difficult = [], [], []
@@ -216,29 +217,29 @@ def parse_annotation(xml_path: str | Path, classes: Sequence[str]) -> dict[str, 
         where = f"<object> #{k}"
         name = _text(obj.find("name"))
         if not name:
-            raise ValueError(f"{path}: missing or empty <name> in {where}.")
+            raise DatasetFormatError(f"{path}: missing or empty <name> in {where}.")
         label = index.get(normalize_class_name(name))
         if label is None:
-            raise ValueError(
+            raise DatasetFormatError(
                 f"{path}: unknown class {name!r} in {where}; known classes: {list(classes)}. "
                 "Fix: add it to labels.txt / class_names.txt or correct the name."
             )
         bndbox = obj.find("bndbox")
         if bndbox is None:
-            raise ValueError(f"{path}: missing <bndbox> in {where} ({name}).")
+            raise DatasetFormatError(f"{path}: missing <bndbox> in {where} ({name}).")
         xmin, ymin, xmax, ymax = (_required_number(bndbox, t, path, f"{where} <bndbox>")
                                   for t in ("xmin", "ymin", "xmax", "ymax"))
         box = np.array([xmin - 1, ymin - 1, xmax, ymax], dtype=np.float64)  # 1-based inclusive -> 0-based
         limit = np.array([width, height, width, height])
         if (box < -BOX_TOLERANCE_PX).any() or (box > limit + BOX_TOLERANCE_PX).any():
-            raise ValueError(
+            raise DatasetFormatError(
                 f"{path}: <bndbox> of {where} ({name}) "
                 f"xmin,ymin,xmax,ymax={xmin:g},{ymin:g},{xmax:g},{ymax:g} lies outside the "
                 f"{width:g}x{height:g} image (<size>). Fix: correct the box or the size."
             )
         box = np.clip(box, 0, limit)
         if box[2] <= box[0] or box[3] <= box[1]:
-            raise ValueError(
+            raise DatasetFormatError(
                 f"{path}: <bndbox> of {where} ({name}) is empty: xmin,ymin,xmax,ymax={xmin:g},{ymin:g},"
                 f"{xmax:g},{ymax:g}. Fix: xmax >= xmin and ymax >= ymin (1-based inclusive)."
             )
@@ -246,7 +247,7 @@ def parse_annotation(xml_path: str | Path, classes: Sequence[str]) -> dict[str, 
         try:
             is_difficult = bool(int(float(diff_text))) if diff_text else False  # labelme writes <difficult/>
         except ValueError:
-            raise ValueError(f"{path}: <difficult> of {where} is {diff_text!r}; expected 0 or 1.") from None
+            raise DatasetFormatError(f"{path}: <difficult> of {where} is {diff_text!r}; expected 0 or 1.") from None
         boxes.append(box)
         labels.append(label)
         difficult.append(is_difficult)
@@ -262,7 +263,7 @@ def read_mask(png_path: str | Path, num_classes: int) -> np.ndarray:
     """Class-index mask (H, W) uint8 from a VOC SegmentationClass PNG; 255 = ignore.
 
     Palette ('P') PNGs are read as palette indices (their colours are only for viewing); greyscale 'L' PNGs
-    are read as-is. Raises ValueError naming the file for other modes and for values >= num_classes
+    are read as-is. Raises DatasetFormatError (a ValueError) naming the file for other modes and for values >= num_classes
     other than 255.
     """
     path = Path(png_path)
@@ -274,16 +275,16 @@ def read_mask(png_path: str | Path, num_classes: int) -> np.ndarray:
     except FileNotFoundError:
         raise DatasetNotFoundError(path, "a SegmentationClass PNG for this image id") from None
     except Exception as exc:  # corrupt PNG
-        raise ValueError(f"{path}: cannot decode mask ({type(exc).__name__}: {exc}).") from exc
+        raise DatasetFormatError(f"{path}: cannot decode mask ({type(exc).__name__}: {exc}).") from exc
     if mask is None:
-        raise ValueError(
+        raise DatasetFormatError(
             f"{path}: mask has mode {mode!r}. Fix: save class indices as a palette ('P') or greyscale ('L') "
             "PNG, not as colours (RGB)."
         )
     values = np.unique(mask)
     bad = values[(values >= num_classes) & (values != IGNORE_INDEX)]
     if bad.size:
-        raise ValueError(
+        raise DatasetFormatError(
             f"{path}: mask values {bad.tolist()} are not class indices 0..{num_classes - 1} "
             f"or {IGNORE_INDEX} (ignore). Fix: list every class in labels.txt / class_names.txt, "
             "or set those pixels to 255."
@@ -341,14 +342,14 @@ def image_labels(
                 if not parts or parts[0] not in row:
                     continue
                 if len(parts) != 2 or parts[1] not in ("1", "0", "-1"):
-                    raise ValueError(f"{path}: bad line {line!r}; expected '<id> <1|0|-1>'.")
+                    raise DatasetFormatError(f"{path}: bad line {line!r}; expected '<id> <1|0|-1>'.")
                 r, value = row[parts[0]], int(parts[1])
                 labels[r, c] = value == 1
                 difficult[r, c] = value == 0
                 seen[r] = True
             if not seen.all():
                 missing = [ids[r] for r in np.flatnonzero(~seen)[:5]]
-                raise ValueError(f"{path}: no entry for ids {missing}... of split {split!r}.")
+                raise DatasetFormatError(f"{path}: no entry for ids {missing}... of split {split!r}.")
     else:
         for r, image_id in enumerate(ids):
             ann = parse_annotation(year_dir / "Annotations" / f"{image_id}.xml", classes)
@@ -462,10 +463,62 @@ class VOCDataset(torch.utils.data.Dataset):
             return None
         target = self.target(i)
         if self.task == "segmentation" and tuple(target.shape) != (image.height, image.width):
-            raise ValueError(
+            raise DatasetFormatError(
                 f"{self.year_dir / 'SegmentationClass' / (self.ids[i] + '.png')}: mask is "
                 f"{target.shape[1]}x{target.shape[0]} but {path} is {image.width}x{image.height}."
             )
         if self.transform is not None:
             return self.transform(image, target)
         return image, target
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+
+def _image_size(path: Path) -> tuple[int, int] | None:
+    """(W, H) from the image file's header, or None when it cannot be opened (training skips and counts it)."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except Exception:  # noqa: BLE001 - any unreadable image is the data loader's to skip, not this check's
+        return None
+
+
+def validate_voc_split(root: str | Path, split: str, task: str, year: int | str | None = None, limit: int = 5) -> int:
+    """Read every annotation or mask a `task` run on `split` will use, before any training; return the number
+    of image ids checked.
+
+    detection, and classification when its labels come from the XML files (no complete set of per-class lists):
+    every `Annotations/<id>.xml` parses, names known classes and has its boxes inside its <size>.
+    segmentation: every `SegmentationClass/<id>.png` opens, holds only values below len(mask_classes) or 255,
+    and has the size of its image. images: nothing beyond the split list. Images are not decoded (training
+    skips and counts an unreadable one). Raises DatasetFormatError naming up to `limit` bad files, then a count.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    # The dataset resolves the split's ids exactly as training will (Main / Segmentation lists, fallbacks);
+    # "images" reads classification's ids without parsing its labels, which would stop at the first bad file.
+    dataset = VOCDataset(root, split=split, task="images" if task == "classification" else task, year=year)
+    info, year_dir, ids = dataset.info, dataset.year_dir, dataset.ids
+    from_xml = task == "detection" or (
+        task == "classification"
+        and len(_class_list_files(year_dir / "ImageSets" / "Main", info.classes, split)) < len(info.classes))
+    problems: list[str] = []
+    for k, image_id in enumerate(ids):
+        try:
+            if from_xml:
+                parse_annotation(year_dir / "Annotations" / f"{image_id}.xml", info.classes)
+            if task == "segmentation":
+                mask_path = year_dir / "SegmentationClass" / f"{image_id}.png"
+                mask = read_mask(mask_path, len(info.mask_classes))  # (H, W)
+                size = _image_size(dataset.image_path(k))
+                if size is not None and size != (mask.shape[1], mask.shape[0]):
+                    raise DatasetFormatError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
+                                             f"is {size[0]}x{size[1]}")
+        except (DatasetFormatError, DatasetNotFoundError) as err:
+            problems.append(str(err).replace(f"{year_dir}/", ""))  # paths relative to the year folder: shorter
+    if problems:
+        files = "annotation files" if from_xml else "masks"
+        raise DatasetFormatError(f"{len(problems)} of the {len(ids)} {files} of split {split!r} in {year_dir} are "
+                                 f"unusable: {list_problems(problems, limit)}")
+    return len(ids)
