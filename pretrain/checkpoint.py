@@ -117,14 +117,29 @@ def _load_failure(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0][:120] if text else ''}"
 
 
-def _read_checkpoint(path: Path) -> dict[str, Any]:
-    """torch.load a ctxenc checkpoint; ValueError with a plain reason when it is not one or is damaged."""
+def _numpy_globals() -> list[Any]:
+    """The numpy objects a checkpoint's RNG state pickles as (array reconstruction, ndarray, dtypes).
+
+    Checkpoints are read with `weights_only=True`, so a file from elsewhere cannot run code when loaded;
+    these are the only non-tensor objects a ctxenc checkpoint holds.
+    """
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # it holds numpy RNG state too
+        from numpy._core.multiarray import _reconstruct, scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct, scalar
+    return [_reconstruct, scalar, np.ndarray, np.dtype, *(getattr(np.dtypes, name) for name in np.dtypes.__all__)]
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """torch.load a ctxenc checkpoint (weights_only: a file from elsewhere cannot run code when loaded); ValueError
+    with a plain reason when it is not one or is damaged."""
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file: say what it looks like
         raise ValueError(_load_failure(err)) from err
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "step" not in ckpt:
-        raise ValueError("not a ctxenc checkpoint: no 'model' and 'step' entries")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise ValueError("not a ctxenc checkpoint: no 'model' entry")
     return ckpt
 
 
@@ -152,7 +167,7 @@ def load_latest_checkpoint(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
             damaged.append(f"{path.name} ({err})")
             continue
         if damaged:
-            warnings.warn(f"{run_dir}: {', '.join(damaged)} damaged; using {path.name} (step {ckpt['step']}) instead",
+            warnings.warn(f"{run_dir}: {', '.join(damaged)} damaged; using {path.name} (step {ckpt.get('step', '?')}) instead",
                           stacklevel=2)
         return ckpt, path
     if damaged:

@@ -40,6 +40,14 @@ class UserError(Exception):
     Keep it to one or two lines: `run_cli` prints it without a traceback."""
 
 
+class BadOptionError(UserError, ValueError):
+    """An option value (or a combination of options) that cannot work: names the flag and a value that does."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder an option names does not exist: names it and says how to make or choose one."""
+
+
 def list_problems(problems: Sequence[str], limit: int = 5) -> str:
     """`a; b; c` for up to `limit` problems, then `... and N more`: an error names each bad file without
     burying the message under thousands of them."""

@@ -8,18 +8,15 @@ transfer code gets pretrained weights without pulling in the training loop.
 """
 from __future__ import annotations
 
-import pickle
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from torch import nn
 
-from pretrain.checkpoint import list_checkpoints, load_state_dict_checked
+from pretrain.checkpoint import load_checkpoint_file, load_latest_checkpoint, load_state_dict_checked
+from pretrain.errors import BadOptionError, MissingFileError
 from pretrain.inpaint128 import Inpaint128Generator
 from pretrain.models import AlexNetEncoder, ContextEncoder, build_encoder
 
@@ -45,38 +42,6 @@ class Pretrained:
     step: int
 
 
-def _numpy_globals() -> list[Any]:
-    """The numpy objects a checkpoint's RNG state pickles as (array reconstruction, ndarray, dtypes).
-
-    Checkpoints are read with `weights_only=True`, so a file from elsewhere cannot run code when loaded;
-    these are the only non-tensor objects a ctxenc checkpoint holds.
-    """
-    try:
-        from numpy._core.multiarray import _reconstruct, scalar
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct, scalar
-    return [_reconstruct, scalar, np.ndarray, np.dtype, *(getattr(np.dtypes, name) for name in np.dtypes.__all__)]
-
-
-def _read(path: Path) -> dict[str, Any]:
-    """One checkpoint file as a dict with 'model' and 'config'; ValueError naming the file otherwise."""
-    try:
-        with torch.serialization.safe_globals(_numpy_globals()):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for a truncated or foreign file
-        # torch's own text for a refused object recommends weights_only=False, which is never the fix here
-        reason = ("it holds Python objects a ctxenc checkpoint never contains"
-                  if isinstance(err, pickle.UnpicklingError) and "weights_only" in str(err)
-                  else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unreadable'}")
-        raise ValueError(f"{path} cannot be read as a checkpoint: it is damaged (e.g. cut short) or not a ctxenc "
-                         f"checkpoint ({reason}). Pass a runs/<name>/ folder or a checkpoint-*.pth file written by "
-                         f"python -m pretrain") from err
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("config"), dict):
-        raise ValueError(f"{path} is not a ctxenc pretraining checkpoint: it is not a dict with 'model' and 'config' "
-                         f"entries. Pass a runs/<name>/ folder or a checkpoint-*.pth file written by python -m pretrain")
-    return ckpt
-
-
 def checkpoint_step(ckpt: dict[str, Any], path: Path) -> int:
     """The optimiser step a checkpoint was saved at (its 'step' entry, else the number in its file name, else 0)."""
     if isinstance(ckpt.get("step"), int):
@@ -88,33 +53,20 @@ def checkpoint_step(ckpt: dict[str, Any], path: Path) -> int:
 def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], Path]:
     """(checkpoint dict, the file it was read from) for a run folder or a checkpoint .pth file.
 
-    A folder gives its newest readable checkpoint-*.pth; when newer ones are damaged, a warning names them and
-    the file and step used instead. Errors name the path and say what to pass.
+    A folder gives its newest readable checkpoint-*.pth (pretrain.checkpoint: when newer ones are damaged, a
+    warning names them and the file and step used instead). Errors name the path and say what to pass.
     """
     path = Path(path)
     if path.is_file():
-        return _read(path), path
+        return load_checkpoint_file(path), path
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such file or folder; pass a runs/<name>/ folder or a checkpoint-*.pth "
-                                f"file written by python -m pretrain")
-    candidates = list_checkpoints(path)
-    if not candidates:
-        raise FileNotFoundError(f"no checkpoint-*.pth in {path}: pretrain first with python -m pretrain --name "
-                                f"{path.name}, or pass a checkpoint file")
-    damaged: list[str] = []
-    for candidate in reversed(candidates):  # newest first
-        try:
-            ckpt = _read(candidate)
-        except ValueError:
-            damaged.append(candidate.name)
-            continue
-        if damaged:
-            warnings.warn(f"{path}: {', '.join(damaged)} cannot be read (damaged, e.g. cut short, or not a ctxenc "
-                          f"checkpoint); using {candidate.name} (step {checkpoint_step(ckpt, candidate)}) instead",
-                          stacklevel=2)
-        return ckpt, candidate
-    raise ValueError(f"{path}: none of its {len(candidates)} checkpoints can be read ({', '.join(damaged)}); they are "
-                     f"damaged or not ctxenc checkpoints. Pretrain again with python -m pretrain --name {path.name}")
+        raise MissingFileError(f"{path}: no such file or folder; pass a runs/<name>/ folder or a checkpoint-*.pth "
+                               f"file written by python -m pretrain")
+    found = load_latest_checkpoint(path)
+    if found is None:
+        raise MissingFileError(f"no checkpoint-*.pth in {path}: pretrain first with python -m pretrain --name "
+                               f"{path.name}, or pass a checkpoint file")
+    return found
 
 
 def build_generator(config: dict[str, Any]) -> nn.Module:
@@ -138,11 +90,11 @@ def load_encoder(path: str | Path) -> tuple[AlexNetEncoder, dict[str, Any]]:
     config = ckpt["config"]
     model = config.get("model", GENERATOR_DEFAULTS["model"])
     if model != "alexnet":
-        raise ValueError(f"{source} is a {model} checkpoint; transfer needs an AlexNet trunk "
+        raise BadOptionError(f"{source} is a {model} checkpoint; transfer needs an AlexNet trunk "
                          f"(python -m pretrain --model alexnet)")
     trunk = build_encoder(config.get("encoder", GENERATOR_DEFAULTS["encoder"]))
     if not isinstance(trunk, AlexNetEncoder):
-        raise ValueError(f"{source} has a {config.get('encoder')} trunk; transfer tasks use AlexNet trunks "
+        raise BadOptionError(f"{source} has a {config.get('encoder')} trunk; transfer tasks use AlexNet trunks "
                          f"(--encoder alexnet, alexnet-poolfree or alexnet-torchvision)")
     state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
     load_state_dict_checked(trunk, state, str(source))

@@ -33,9 +33,10 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pretrain.config import field, parse_config
+from pretrain.config import field
 from pretrain.data import VOCDataset, skip_none_collate
 from pretrain.dataset import normalize, resize_short_side, sample_generator
+from pretrain.errors import BadOptionError, run_cli
 from transfer.engine import autocast, fit
 from transfer.experiment import (
     FinetuneConfig,
@@ -228,7 +229,7 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, amp: str
         scores.append(torch.sigmoid(logits.float()).view(b, k, -1).mean(1).cpu())  # (B, C)
         indices.append(index)
     if not scores:
-        raise ValueError("no readable test image: every image of the test split was skipped")
+        raise BadOptionError("no readable test image: every image of the test split was skipped")
     return torch.cat(scores).numpy(), torch.cat(indices).numpy()
 
 
@@ -241,10 +242,10 @@ def classification_loss(model: nn.Module, batch: tuple, device: torch.device) ->
 def main(cfg: ClassifyConfig) -> dict[str, Any]:
     """Fine-tune, test, write the results; returns the metrics (also in <out>/metrics.json)."""
     if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise ValueError("--epochs and --batch-size must be positive")
+        raise BadOptionError("--epochs and --batch-size must be positive")
     if not 0 < cfg.crop_scale_min <= 1:
-        raise ValueError(f"--crop-scale-min {cfg.crop_scale_min}: must be in (0, 1]")
-    exp = setup(cfg, "classify", cfg.batch_size)
+        raise BadOptionError(f"--crop-scale-min {cfg.crop_scale_min}: must be in (0, 1]")
+    exp = setup(cfg, "classify", cfg.batch_size, "classification", (cfg.train_split, cfg.test_split))
     run, device = exp.run, exp.device
     train_voc = VOCDataset(exp.root, cfg.train_split, "classification", strict=cfg.strict_images)
     test_voc = VOCDataset(exp.root, cfg.test_split, "classification", strict=cfg.strict_images)
@@ -312,7 +313,7 @@ def main(cfg: ClassifyConfig) -> dict[str, Any]:
 
 
 def cli(argv: list[str] | None = None) -> dict[str, Any]:
-    return main(parse_config(ClassifyConfig, argv, description=__doc__ or ""))
+    return run_cli(main, ClassifyConfig, argv, description=__doc__ or "")
 
 
 if __name__ == "__main__":

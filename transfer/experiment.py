@@ -26,9 +26,10 @@ from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from pretrain.config import field
-from pretrain.data import resolve_voc_root
+from pretrain.data import resolve_voc_root, validate_voc_split
 from pretrain.dataset import normalize, resize_short_side
 from pretrain.distributed import all_reduce_mean, init_distributed, is_main_process
+from pretrain.errors import BadOptionError
 from pretrain.provenance import provenance
 
 
@@ -114,8 +115,13 @@ def check_writable(out: Path) -> None:
         raise PermissionError(f"--out {out}: cannot write there ({err.strerror}); choose a writable folder") from err
 
 
-def setup(cfg: TransferConfig, task: str, batch_size: int = 1) -> Experiment:
-    """Seed, join torchrun's group if any, resolve the output folder (checked writable on rank 0) and the data."""
+def setup(cfg: TransferConfig, task: str, batch_size: int = 1, voc_task: str | None = None,
+          splits: tuple[str, ...] = ()) -> Experiment:
+    """Seed, join torchrun's group if any, resolve the output folder (checked writable on rank 0) and the data.
+
+    With `voc_task`, every annotation or mask of each split in `splits` is read now (pretrain.data's
+    validate_voc_split), so a malformed file stops the run before any training, naming the file.
+    """
     started = time.time()
     seed_everything(cfg.seed)
     run = start_distributed(cfg.device, batch_size)
@@ -123,6 +129,9 @@ def setup(cfg: TransferConfig, task: str, batch_size: int = 1) -> Experiment:
     if run.is_main:
         check_writable(out)
     root = resolve_voc_root(cfg.data, cfg.data_cache or None, cfg.builtin_images)
+    if voc_task is not None:
+        for split in dict.fromkeys(splits):
+            validate_voc_split(root, split, voc_task)
     return Experiment(cfg, task, run, out, root, started)
 
 
@@ -155,7 +164,8 @@ def calibration_batch(images, n: int = 32, size: int = 227, seed: int = 0) -> to
         if len(batch) == n:
             break
     if not batch:
-        raise ValueError("no readable training image to calibrate --init rescaled on")
+        raise BadOptionError("no readable training image to calibrate the rescaling on (--rescale): check the training "
+                             "split's images")
     return torch.stack(batch)  # (n, 3, size, size)
 
 
@@ -229,7 +239,7 @@ class DistributedRun:
 def per_rank_batch(batch_size: int, world_size: int) -> int:
     """Each process's share of the global `--batch-size`; it must split evenly."""
     if batch_size % world_size:
-        raise ValueError(f"--batch-size {batch_size} is the global batch: it must be divisible by the {world_size} "
+        raise BadOptionError(f"--batch-size {batch_size} is the global batch: it must be divisible by the {world_size} "
                          f"torchrun processes")
     return batch_size // world_size
 
@@ -250,7 +260,7 @@ def start_distributed(device: str, batch_size: int) -> DistributedRun:
         if device not in ("auto", ddp_device.type):
             hint = ("hide the GPUs (CUDA_VISIBLE_DEVICES=) to train on CPUs" if ddp_device.type == "cuda"
                     else "no GPU is visible")
-            raise ValueError(f"--device {device} under torchrun: each process uses its own {ddp_device.type} device "
+            raise BadOptionError(f"--device {device} under torchrun: each process uses its own {ddp_device.type} device "
                              f"(use --device auto); {hint}")
     except ValueError:
         if owns_group:

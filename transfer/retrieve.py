@@ -35,10 +35,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pretrain.config import field, parse_config
+from pretrain.config import field
 from pretrain.data import DatasetNotFoundError, VOCDataset, find_year_dir, list_images, load_rgb, resolve_voc_root
 from pretrain.dataset import denormalize, normalize
 from pretrain.engine import hole_errors
+from pretrain.errors import BadOptionError, run_cli
 from pretrain.hub import NotAnInpainterError, load_generator
 from pretrain.masks import apply_mask, central_square_mask
 from pretrain.models import FEATURE_KEYS
@@ -235,7 +236,7 @@ def nn_inpaint(index: FeatureIndex, query_features: np.ndarray, query_ids: Seque
     qids = np.asarray(query_ids, dtype=np.int64)
     k = min(k, index.ntotal - (1 if leave_one_out else 0))
     if k < 1:
-        raise ValueError("context retrieval needs at least 2 database images with --leave-one-out")
+        raise BadOptionError("context retrieval needs at least 2 database images with --leave-one-out")
     dist, nbr = index.search(query_features, k, exclude=qids if leave_one_out else None)  # (Q, k)
     sums: dict[str, list[float]] = {}
     per_query: dict[str, list[list[float]]] = {}
@@ -343,7 +344,7 @@ def patch_retrieval(cfg: RetrieveConfig, images: RetrievalImages, featurizer: Fe
         return {}
     if mode == "labels":
         if images.labels is None:
-            raise ValueError(f"--patch-mode labels: {cfg.data} has no class labels; use --patch-mode crops")
+            raise BadOptionError(f"--patch-mode labels: {cfg.data} has no class labels; use --patch-mode crops")
         entries = context_entries
         feats = encode(featurizer, entries, cfg.size, None, cfg.batch_size)
         index = FeatureIndex.build(feats, entries, cfg.index, cfg.metric, min(cfg.pca_dim, *feats.shape),
@@ -387,7 +388,7 @@ def format_table(rows: list[tuple[str, dict[str, float]]]) -> str:
 
 def main(cfg: RetrieveConfig) -> dict[str, object]:
     if cfg.k < 1 or not 0 < cfg.hole < 1:
-        raise ValueError("--k must be >= 1 and --hole in (0, 1)")
+        raise BadOptionError("--k must be >= 1 and --hole in (0, 1)")
     exp = setup(cfg, "retrieve")
     device, out, label = exp.device, exp.out, feature_label(cfg)
     timings: dict[str, float] = {}
@@ -395,7 +396,7 @@ def main(cfg: RetrieveConfig) -> dict[str, object]:
     t0 = time.perf_counter()
     images = open_retrieval_images(cfg.data, cfg.split, cfg.max_images, cfg.data_cache, cfg.builtin_images)
     if len(images.paths) < 2:
-        raise ValueError(f"{cfg.data}: retrieval needs at least 2 images, found {len(images.paths)}")
+        raise BadOptionError(f"{cfg.data}: retrieval needs at least 2 images, found {len(images.paths)}")
     featurizer, checkpoint, calibration = build_featurizer(cfg, images, device)
     model = load_inpainting_model(cfg.init)
     if model is not None and cfg.size != 227:
@@ -467,7 +468,7 @@ def main(cfg: RetrieveConfig) -> dict[str, object]:
 
 
 def cli(argv: list[str] | None = None) -> dict[str, object]:
-    return main(parse_config(RetrieveConfig, argv, description=__doc__ or ""))
+    return run_cli(main, RetrieveConfig, argv, description=__doc__ or "")
 
 
 if __name__ == "__main__":

@@ -49,11 +49,12 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from pretrain.config import field, parse_config
+from pretrain.config import field
 from pretrain.data import VOCDataset, skip_none_collate
 from pretrain.data.images import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.data.synthetic import voc_palette
 from pretrain.dataset import denormalize
+from pretrain.errors import BadOptionError, run_cli
 from pretrain.models import FEATURE_KEYS, AlexNetEncoder
 from transfer.engine import autocast, fit
 from transfer.experiment import (
@@ -186,9 +187,9 @@ class FCNAlexNet(nn.Module):
                  fc6_kernel: int = 3, dropout: float = 0.5) -> None:
         super().__init__()
         if skip not in SKIP_FEATURES:
-            raise ValueError(f"--skip {skip!r}: choose one of {sorted(SKIP_FEATURES)}")
+            raise BadOptionError(f"--skip {skip!r}: choose one of {sorted(SKIP_FEATURES)}")
         if fc6_kernel % 2 == 0:
-            raise ValueError(f"--fc6-kernel {fc6_kernel}: use an odd kernel so pool5's grid is kept")
+            raise BadOptionError(f"--fc6-kernel {fc6_kernel}: use an odd kernel so pool5's grid is kept")
         self.trunk = trunk
         self.skip_keys = SKIP_FEATURES[skip]
         self.geometry = feature_geometry(trunk)
@@ -257,7 +258,7 @@ class RandomScale(nn.Module):
     def __init__(self, low: float, high: float) -> None:
         super().__init__()
         if not 0 < low <= high:
-            raise ValueError(f"scale range [{low}, {high}]: need 0 < scale_min <= scale_max")
+            raise BadOptionError(f"scale range [{low}, {high}]: need 0 < scale_min <= scale_max")
         self.low, self.high = low, high
 
     def forward(self, image: tv_tensors.Image, mask: tv_tensors.Mask):
@@ -413,13 +414,13 @@ def segmentation_step_loss(model: nn.Module, batch: tuple, device: torch.device,
 def main(cfg: SegmentConfig) -> dict[str, Any]:
     """Fine-tune an FCN from `cfg.init` on the train split, score the test split; returns the metrics."""
     if cfg.loss_stride < 1:
-        raise ValueError(f"--loss-stride {cfg.loss_stride}: must be >= 1 (1 = every pixel)")
+        raise BadOptionError(f"--loss-stride {cfg.loss_stride}: must be >= 1 (1 = every pixel)")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    exp = setup(cfg, "segment", cfg.batch_size)
+    exp = setup(cfg, "segment", cfg.batch_size, "segmentation", (cfg.train_split, cfg.test_split))
     run, device = exp.run, exp.device
     if cfg.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("--amp bf16: this GPU has no bfloat16 support; use --amp none")
+        raise BadOptionError("--amp bf16: this GPU has no bfloat16 support; use --amp none")
     label = init_label(cfg.init)
     train_set = VOCDataset(exp.root, split=cfg.train_split, task="segmentation", strict=cfg.strict_images,
                            transform=SegmentationTransform(True, cfg.crop_size, (cfg.scale_min, cfg.scale_max)))
@@ -492,7 +493,7 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
 
 
 def cli(argv: list[str] | None = None) -> dict[str, Any]:
-    return main(parse_config(SegmentConfig, argv, description=__doc__.split("\n\n")[0]))
+    return run_cli(main, SegmentConfig, argv, description=__doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from pretrain.checkpoint import load_state_dict_checked
+from pretrain.errors import BadOptionError, MissingFileError
 from pretrain.hub import load_encoder
 from pretrain.models import AlexNetEncoder, gaussian_init_
 from transfer.rescale import krahenbuhl_rescale_
@@ -33,7 +34,7 @@ def load_torchvision_trunk(path: str | Path) -> AlexNetEncoder:
     """conv1..conv5 of a local torchvision AlexNet state dict (`torch.save(alexnet().state_dict(), PATH)`)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"torchvision:{path}: no such file; save one with "
+        raise MissingFileError(f"torchvision:{path}: no such file; save one with "
                                 f"torch.save(torchvision.models.alexnet(weights=...).state_dict(), '{path}')")
     state = torch.load(path, map_location="cpu", weights_only=True)
     trunk = AlexNetEncoder("torchvision")
@@ -42,7 +43,7 @@ def load_torchvision_trunk(path: str | Path) -> AlexNetEncoder:
         for p in ("weight", "bias"):
             src = f"features.{idx}.{p}"
             if src not in state:
-                raise ValueError(f"{path} is not a torchvision AlexNet state dict (missing {src})")
+                raise BadOptionError(f"{path} is not a torchvision AlexNet state dict (missing {src})")
             mapped[f"{key}.{p}"] = state[src]
     load_state_dict_checked(trunk, mapped, str(path))
     return trunk
@@ -52,7 +53,7 @@ def build_trunk(init: str, seed: int = 0, arch: str = "caffe") -> tuple[AlexNetE
     """The AlexNet trunk for `--init`, and where a pretrained one came from ({"path", "step"}, else None)."""
     torch.manual_seed(seed)
     if init == "rescaled":
-        raise ValueError("--init rescaled is now --init random: the Krähenbühl rescaling is applied to every start "
+        raise BadOptionError("--init rescaled is now --init random: the Krähenbühl rescaling is applied to every start "
                          "(--rescale, on by default)")
     if init == "random":
         trunk = AlexNetEncoder(arch)
@@ -61,7 +62,7 @@ def build_trunk(init: str, seed: int = 0, arch: str = "caffe") -> tuple[AlexNetE
     if init.startswith("torchvision:"):
         return load_torchvision_trunk(init.split(":", 1)[1]), {"path": init.split(":", 1)[1], "step": None}
     if not Path(init).exists():
-        raise FileNotFoundError(f"--init {init}: no such file or folder. Use random, torchvision:PATH, a runs/<name>/ "
+        raise MissingFileError(f"--init {init}: no such file or folder. Use random, torchvision:PATH, a runs/<name>/ "
                                 f"folder or a checkpoint .pth file")
     return load_encoder(init)
 
