@@ -1,24 +1,29 @@
 """Frozen-feature probes of a trunk: `python -m transfer.probe [--flag value ...]`.
 
-The linear-SVM benchmark of Goyal et al. 2019 (VISSL's AlexNet VOC07 settings): the trunk is frozen, each of
-conv1..conv5 and pool5 is average-pooled to roughly 9k dimensions, and a linear SVM per class (squared hinge,
-cost C from 0.01 to 1000 picked by 3-fold cross-validation on the training split, scored by AP) is trained
-on the training split and scored on the test split. A FAISS kNN classifier on the same features (cosine
-similarity, weighted neighbour voting) is reported beside it: mAP by voting for multi-label data, plus
-top-1 accuracy when every image has exactly one label.
+The linear-SVM benchmark of Goyal et al. 2019 as their code runs it (fair_self_supervision_benchmark,
+tools/svm/), with VISSL's AlexNet VOC07 pooling: the trunk is frozen, each of conv1..conv5 and pool5 is
+average-pooled to roughly 9k dimensions, each feature row is divided by its L2 norm, and per class a linear
+SVM (sklearn LinearSVC's objective: squared hinge, L2 penalty, bias with intercept_scaling 1, positives
+weighted 2; difficult-only training images as negatives) is fitted at each of their 26 costs (1e-7 ... 100
+and 0.5^4 ... 0.5^19), the cost with the best mean AP (sklearn's average_precision, as their
+cross_val_score) over 3 unshuffled stratified folds of the training split is refitted on the whole training
+split, and its scores give the test AP (VOC07 11-point and all-point, difficult-only images left out). A
+FAISS kNN classifier on the same features (cosine similarity, weighted neighbour voting) is reported beside
+it: mAP by voting for multi-label data, plus top-1 accuracy when every image has exactly one label.
 
-The SVM objective is exactly LinearSVC's (squared hinge, L2, liblinear's regularised bias, positives
-weighted 2 as in VISSL). By default it is solved exactly by Newton steps on the N x N kernel of the training
-split (`l2svm_newton`): with N ~ 1k images and D ~ 9k dims, liblinear's dual coordinate descent hit its
-2000-epoch cap on most fits here and took ~3 s each, Newton converges in a few Cholesky solves (and agrees
-with LinearSVC to 1e-12 where LinearSVC converges). `--svm-solver liblinear` runs sklearn's LinearSVC itself.
+Where this differs from their code (metrics.json's `svm_protocol` says it for each run): by default the SVM
+objective is solved exactly, by Newton steps on the N x N kernel of the training split (`l2svm_path`,
+`l2svm_newton`; equal to LinearSVC where LinearSVC converges): with N ~ 1k images and D ~ 9k dims their
+liblinear (tol 1e-4, at most 2000 epochs) needs seconds to tens of seconds per fit at costs >= 1 and stops
+at its epoch cap at 100, while the exact solver covers a class's whole cost path in a fraction of a second.
+`--svm-solver liblinear` runs their Normalizer -> LinearSVC pipeline itself. Rows are divided by |x| (sklearn's
+Normalizer), theirs by |x| + 1e-5. Other --costs, --cv-folds or --positive-weight are further differences.
 Every (class, fold) path over the costs is an independent job spread over all cores (joblib threads: the
-solvers release the GIL, and threads share the features instead of copying them); single-threaded SVM
-grids are what make other suites' probes slow.
+solvers release the GIL, and threads share the features instead of copying them).
 
 Writes `<out>/metrics.json` ({layer: {svm_mAP_11point, svm_mAP_all_point, knn_mAP_11point, knn_mAP_all_point,
-knn_top1, best_C, dim, ...}}), `per_class.csv` (one row per layer and class) and `config.json`, and prints
-one summary line per layer.
+knn_top1, best_C, dim, svm_protocol, ...}}), `per_class.csv` (one row per layer and class) and `config.json`,
+and prints one summary line per layer.
 """
 from __future__ import annotations
 
@@ -36,8 +41,10 @@ import scipy.linalg as sla
 import torch
 from joblib import Parallel, delayed, effective_n_jobs
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import get_scorer
 from sklearn.model_selection import StratifiedKFold
-from sklearn.preprocessing import StandardScaler
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import Normalizer
 from sklearn.svm import LinearSVC
 from threadpoolctl import threadpool_limits
 from torch import nn
@@ -47,7 +54,7 @@ from pretrain.config import field, parse_config
 from pretrain.data import VOCDataset, resolve_voc_root, skip_none_collate
 from transfer.classify import centre_crop, eval_targets
 from transfer.experiment import calibration_batch, seed_everything, select_device, write_results
-from transfer.metrics import average_precision, classification_report, knn_vote_scores
+from transfer.metrics import classification_report, knn_vote_scores
 from transfer.trunk import build_trunk, init_label
 
 PROBE_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "pool5")
@@ -61,8 +68,17 @@ PROBE_POOLING: dict[str, tuple[int, int] | None] = {
     "conv5": (8, 1),  # 256x13x13 -> 256x6x6 = 9216
     "pool5": None,  # 256x6x6 = 9216
 }
+# Goyal et al.'s VOC07 SVM settings (fair_self_supervision_benchmark, tools/svm/): their VOC07 --costs_list,
+# then the 0.5^4 .. 0.5^19 that their parse_cost_list appends, in their order (which breaks ties).
+GOYAL_COSTS: tuple[float, ...] = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.1, 1.0, 10.0, 100.0) + tuple(
+    0.5 ** k for k in range(4, 20))
+GOYAL_FOLDS = 3  # cross_val_score(cv=3)
+GOYAL_POSITIVE_WEIGHT = 2.0  # class_weight={1: 2, -1: 1}
+# and the rest of their LinearSVC arguments (fit_intercept=True: sklearn's default, which they keep).
+GOYAL_LINEAR_SVC: dict[str, Any] = {"loss": "squared_hinge", "penalty": "l2", "dual": True, "fit_intercept": True,
+                                    "intercept_scaling": 1.0, "tol": 1e-4, "max_iter": 2000}
 SVM_SOLVERS = ("newton", "liblinear")
-DEFAULT_MAX_ITER = {"newton": 100, "liblinear": 2000}  # Newton steps; liblinear epochs (VISSL: 2000)
+DEFAULT_MAX_ITER = {"newton": 100, "liblinear": GOYAL_LINEAR_SVC["max_iter"]}  # Newton steps; liblinear epochs
 
 
 @dataclass
@@ -76,13 +92,16 @@ class ProbeConfig:
     train_split: str = field("train", "split the SVMs are fitted (and cross-validated) on, and the kNN index holds")
     test_split: str = field("test", "split scored")
     layers: tuple[str, ...] = field(PROBE_LAYERS, "trunk layers to probe")
-    costs: tuple[float, ...] = field((0.01, 0.1, 1.0, 10.0, 100.0, 1000.0), "SVM costs C cross-validated per class")
-    cv_folds: int = field(3, "cross-validation folds on the training split (stratified per class)")
-    positive_weight: float = field(2.0, "SVM weight of positive samples (VISSL: 2; negatives 1)")
-    svm_solver: str = field("newton", "newton: exact, from the N x N kernel (fast); liblinear: sklearn LinearSVC "
-                                      "(VISSL's solver; same objective, slower, often stops at its iteration cap)",
-                            choices=SVM_SOLVERS)
-    svm_max_iter: int = field(0, "Newton steps or liblinear epochs per fit (0: 100 / 2000); unconverged fits are counted")
+    costs: tuple[float, ...] = field(GOYAL_COSTS, "SVM costs C cross-validated per class, in the order that breaks ties "
+                                     "(default: Goyal et al.'s 26: 1e-7, 1e-6, ..., 10, 100, then 0.5^4 ... 0.5^19)")
+    cv_folds: int = field(GOYAL_FOLDS, "unshuffled stratified cross-validation folds of the training split per class "
+                                       "(Goyal et al.: 3)")
+    positive_weight: float = field(GOYAL_POSITIVE_WEIGHT, "SVM weight of positive samples (Goyal et al.: 2; negatives 1)")
+    svm_solver: str = field("newton", "newton: LinearSVC's objective solved exactly from the N x N kernel (fast); "
+                                      "liblinear: Goyal et al.'s Normalizer -> LinearSVC pipeline itself (slow; stops "
+                                      "at its epoch cap before the optimum at large costs)", choices=SVM_SOLVERS)
+    svm_max_iter: int = field(0, "Newton steps or liblinear epochs per fit (0: 100 / Goyal et al.'s 2000); "
+                                 "unconverged fits are counted")
     n_jobs: int = field(-1, "parallel SVM fits (-1: every core)")
     knn_k: int = field(20, "neighbours of the kNN classifier")
     knn_temperature: float = field(0.07, "kNN votes weighted by exp(cosine / T) (Wu et al. 2018); 0: equal votes")
@@ -92,7 +111,7 @@ class ProbeConfig:
     amp: str = field("bf16", "feature extraction under autocast: none or bf16 (CPU or CUDA)", choices=("none", "bf16"))
     channels_last: bool = field(True, "NHWC memory layout (faster convolutions with oneDNN and cuDNN)")
     workers: int = field(2, "data loader processes")
-    seed: int = field(0, "seed for random/rescaled trunks and the cross-validation folds")
+    seed: int = field(0, "seed for random/rescaled trunks and liblinear's coordinate order")
     device: str = field("auto", "auto, cpu or cuda")
     calib_images: int = field(32, "training images that calibrate --init rescaled")
     strict_images: bool = field(False, "stop at the first unreadable image instead of skipping it")
@@ -167,22 +186,21 @@ def extract_features(features: ProbeFeatures, loader: DataLoader, device: torch.
 
 
 # ------------------------------------------------------------------------------------------------ SVMs
+#
+# Goyal et al.'s code (tools/svm/ of fair_self_supervision_benchmark) runs the protocol as follows.
+# train_svm_kfold.py: divide each feature row by its L2 norm; per class, labels 1 -> +1 and 0 -> -1, where the
+# -1 ("difficult only") of the targets stays -1, so those images train as negatives; per cost, a LinearSVC
+# scored by cross_val_score(cv=3, scoring="average_precision") and fitted on all training rows.
+# test_svm.py: per class, the cost of the highest mean CV AP (np.argmax: the first in list order on ties),
+# its SVM's test AP without the difficult-only images.
 
 
-def span_basis(train_x: np.ndarray, rtol: float = 1e-6) -> np.ndarray:
-    """(D, r) orthonormal basis of the span of the training rows (r <= n_train).
-
-    An L2-regularised linear SVM's weight vector is a combination of training samples (representer
-    theorem), and so is that of an SVM fitted on any subset of them (a CV fold). Projecting every sample
-    onto this basis therefore keeps each fitted classifier's scores exactly (up to solver tolerance, and
-    liblinear's regularised bias is unaffected), while the solver works on r <= n_train dims, not ~9k.
-    Computed from the (N, N) Gram matrix: much cheaper than an SVD of (N, D) when N << D.
-    """
-    eigval, eigvec = np.linalg.eigh(train_x @ train_x.T)  # (N,), (N, N) ascending; Gram = U diag(s^2) U^T
-    keep = eigval > rtol ** 2 * max(eigval[-1], 0.0) if eigval.size else np.zeros(0, bool)
-    if not keep.any():
-        return np.zeros((train_x.shape[1], 0))
-    return train_x.T @ (eigvec[:, keep] / np.sqrt(eigval[keep]))  # V = X^T U diag(1/s): (D, r)
+def goyal_svm(cost: float, positive_weight: float = GOYAL_POSITIVE_WEIGHT, max_iter: int = GOYAL_LINEAR_SVC["max_iter"],
+              seed: int = 0) -> Pipeline:
+    """Normalizer (each row / its L2 norm) -> LinearSVC with Goyal et al.'s settings; labels in {-1, +1}."""
+    settings = {**GOYAL_LINEAR_SVC, "max_iter": max_iter}
+    svm = LinearSVC(C=cost, class_weight={1: positive_weight, -1: 1.0}, random_state=seed, **settings)
+    return Pipeline([("l2_rows", Normalizer()), ("svm", svm)])
 
 
 def l2svm_newton(kernel: np.ndarray, y: np.ndarray, cost: float, weights: np.ndarray, beta: np.ndarray | None = None,
@@ -190,12 +208,13 @@ def l2svm_newton(kernel: np.ndarray, y: np.ndarray, cost: float, weights: np.nda
     """Exact squared-hinge linear SVM from a kernel: LinearSVC's problem, solved by Newton steps.
 
     Minimises  1/2 |w|^2 + cost * sum_i weights_i * max(0, 1 - y_i f_i)^2  with f = X w, where `kernel` is
-    X X^T + 1 (the +1 is liblinear's bias: a constant feature whose weight is regularised like the others,
-    so this is the very objective of LinearSVC(loss="squared_hinge", class_weight=...)). The minimiser is
-    w = X^T beta with beta zero outside the margin violators A, and for a fixed A it solves
-    (K_AA + diag(1 / (2 cost weights_A))) beta_A = y_A; so each Newton step (Chapelle 2007) is one
-    Cholesky solve, followed by a backtracking line search. The objective is piecewise quadratic, so the
-    iteration stops exactly when A no longer changes (typically 2-6 steps; fewer when warm-started).
+    X X^T + 1 (the +1 is liblinear's bias with intercept_scaling 1: a constant feature whose weight is
+    regularised like the others, so this is the very objective of LinearSVC(loss="squared_hinge",
+    class_weight=...)). The minimiser is w = X^T beta with beta zero outside the margin violators A, and for
+    a fixed A it solves (K_AA + diag(1 / (2 cost weights_A))) beta_A = y_A; so each Newton step (Chapelle
+    2007) is one Cholesky solve, followed by a backtracking line search. The objective is piecewise
+    quadratic, so the iteration stops exactly when A no longer changes (typically 2-6 steps; fewer when
+    warm-started).
 
     Args:
         kernel: (N, N) X X^T + 1 of the training rows.
@@ -219,7 +238,7 @@ def l2svm_newton(kernel: np.ndarray, y: np.ndarray, cost: float, weights: np.nda
         idx = np.flatnonzero(active)
         target = np.zeros_like(beta)
         if idx.size:
-            system = kernel[np.ix_(idx, idx)]  # (|A|, |A|)
+            system = kernel.take(idx, 0).take(idx, 1)  # (|A|, |A|); 3x faster than kernel[np.ix_(idx, idx)]
             system[np.diag_indices_from(system)] += 0.5 / cw[idx]
             try:
                 target[idx] = sla.cho_solve(sla.cho_factor(system, check_finite=False), y[idx], check_finite=False)
@@ -239,126 +258,250 @@ def l2svm_newton(kernel: np.ndarray, y: np.ndarray, cost: float, weights: np.nda
     return beta, False
 
 
-def _fit_liblinear(x: np.ndarray, y: np.ndarray, cost: float, positive_weight: float, max_iter: int, seed: int
-                   ) -> tuple[LinearSVC, bool]:
-    """One binary LinearSVC (y in {0, 1}); returns (model, converged)."""
-    # dual="auto": the dual solver when samples <= dims (the usual case here), the primal one otherwise
-    svm = LinearSVC(C=cost, loss="squared_hinge", penalty="l2", dual="auto", class_weight={1: positive_weight, 0: 1.0},
-                    max_iter=max_iter, random_state=seed)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        svm.fit(x, y)
-    return svm, not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+def shifted_solves(matrix: np.ndarray, rhs: np.ndarray, shifts: Sequence[float], max_dim: int = 64, rtol: float = 1e-12
+                   ) -> np.ndarray:
+    """(matrix + shift I)^-1 rhs for every shift at once, from one Krylov basis of a symmetric PSD matrix.
 
-
-def _svm_path(solver: str, fit_data: np.ndarray, eval_data: np.ndarray, y: np.ndarray, fit_idx: np.ndarray,
-              eval_idx: np.ndarray, costs: Sequence[float], positive_weight: float, max_iter: int, seed: int
-              ) -> tuple[list[np.ndarray], int, int]:
-    """One class's SVMs on rows `fit_idx` for each cost (ascending: Newton warm-starts from the previous one).
-
-    newton: `fit_data` is the (N, N) training kernel and `eval_data` the (M, N) kernel of the scored rows
-    against the training rows; liblinear: both are feature matrices. y in {0, 1}.
-    Returns ([decision values of the `eval_idx` rows, per cost], unconverged fits, worker thread id).
-    """
-    y_fit = y[fit_idx]
-    scores, unconverged = [], 0
-    if solver == "newton":
-        kernel = fit_data[np.ix_(fit_idx, fit_idx)]  # (n, n)
-        cross = eval_data[np.ix_(eval_idx, fit_idx)]  # (m, n)
-        signs = np.where(y_fit == 1, 1.0, -1.0)
-        weights = np.where(y_fit == 1, positive_weight, 1.0)
-        beta = None
-        for cost in costs:
-            beta, ok = l2svm_newton(kernel, signs, cost, weights, beta, max_iter)
-            scores.append(cross @ beta)  # (m,)
-            unconverged += not ok
-    else:
-        for cost in costs:
-            svm, ok = _fit_liblinear(fit_data[fit_idx], y_fit, cost, positive_weight, max_iter, seed)
-            scores.append(svm.decision_function(eval_data[eval_idx]))  # (m,)
-            unconverged += not ok
-    return scores, unconverged, threading.get_ident()
-
-
-def svm_probe(train_x: np.ndarray, train_t: np.ndarray, test_x: np.ndarray, costs: Sequence[float] = (0.01, 0.1, 1, 10,
-              100, 1000), folds: int = 3, positive_weight: float = 2.0, max_iter: int = 0, n_jobs: int = -1,
-              seed: int = 0, solver: str = "newton") -> dict[str, Any]:
-    """One linear SVM per class, cost picked per class by stratified k-fold CV (AP) on the training split.
-
-    Features are standardised with the training split's statistics. Both solvers minimise the same
-    objective (LinearSVC's squared hinge with a regularised bias): "newton" exactly, from the N x N
-    kernel (`l2svm_newton`); "liblinear" with sklearn's LinearSVC in the span of the training features
-    (`span_basis`), up to its tolerance and iteration cap.
-
-    Args:
-        train_x: (N, D) training features; test_x: (M, D) test features.
-        train_t: (N, C) targets in {1, 0, -1}; -1 ("difficult only") samples are left out of that class's fits.
-        costs: the SVM costs C tried; ties in CV AP go to the smaller C (stronger regularisation).
-        max_iter: Newton steps or liblinear epochs per fit; 0: DEFAULT_MAX_ITER.
-        n_jobs: joblib worker threads over the (class, fold) cost paths, then over the final per-class fits.
+    Lanczos (fully reorthogonalised) builds V (k, N) and the tridiagonal T = V matrix V^T; since a shift
+    leaves the Krylov space unchanged, every solution is |rhs| V^T (T + shift I)^-1 e1 (Saad 2003, 7.3). It
+    stops once the residual of every shift, beta_k |e_k^T (T + shift I)^-1 e1|, is below rtol |rhs|, or at
+    `max_dim` vectors: large shifts (well-conditioned systems) converge in a few dozen, small ones may not,
+    so callers check the residuals of the solutions they use.
 
     Returns:
-        dict(scores=(M, C) decision values (0 for a class without positive or negative training samples),
-        best_C={class index: C}, cv_ap={class index: [mean AP per cost, costs ascending]}, fits, unconverged,
-        workers (ids of the threads that ran fits), fitted_dim (the dims the solver saw)).
+        (len(shifts), N) solutions, in the order of `shifts`.
+    """
+    shifts = np.asarray(shifts, dtype=np.float64)  # (S,)
+    size = float(np.linalg.norm(rhs))
+    if size == 0:
+        return np.zeros((len(shifts), len(rhs)))
+    max_dim = min(max_dim, len(rhs))
+    basis = np.zeros((max_dim, len(rhs)))  # (k, N) orthonormal rows
+    alpha, beta = np.zeros(max_dim), np.zeros(max_dim)  # T's diagonal and off-diagonal
+    basis[0] = rhs / size
+    for k in range(max_dim):
+        w = matrix @ basis[k]  # (N,)
+        alpha[k] = basis[k] @ w
+        for _ in range(2):  # full reorthogonalisation, twice ("twice is enough")
+            w -= basis[: k + 1].T @ (basis[: k + 1] @ w)
+        beta[k] = np.linalg.norm(w)
+        dim = k + 1
+        tri = np.diag(alpha[:dim]) + np.diag(beta[: dim - 1], 1) + np.diag(beta[: dim - 1], -1)  # (k, k)
+        eigval, eigvec = np.linalg.eigh(tri)
+        coef = eigvec @ (eigvec[0][None, :] / (eigval[None, :] + shifts[:, None])).T  # (k, S): (T + s I)^-1 e1
+        if beta[k] <= rtol * size or np.all(beta[k] * np.abs(coef[-1]) <= rtol) or dim == max_dim:
+            return size * (basis[:dim].T @ coef).T  # (S, N)
+        basis[k + 1] = w / beta[k]
+    raise AssertionError("unreachable: the loop returns at max_dim")
+
+
+def l2svm_path(kernel: np.ndarray, y: np.ndarray, costs: Sequence[float], weights: np.ndarray, max_iter: int = 100
+               ) -> list[tuple[np.ndarray, bool]]:
+    """`l2svm_newton` at each of `costs` (ascending), the small costs in closed form.
+
+    While every training row violates the margin (y_i f_i < 1, as it does for every small enough cost:
+    most of Goyal et al.'s grid on L2-normalised rows), the optimum solves one linear system,
+    (K + diag(1 / (2 C weights))) beta = y, i.e. beta = W^1/2 (S + I / (2 C))^-1 W^1/2 y with W = diag(weights)
+    and S = W^1/2 K W^1/2. `shifted_solves` gives it for every cost from one Krylov basis (a few dozen
+    products with S, instead of a Cholesky factorisation per cost). A cost's closed form is kept only where
+    its residual is below 1e-10 |y| and every row does violate the margin: then it meets the optimality
+    conditions (to that residual). From the first cost where it does not, Newton steps take over, each cost
+    warm-started from the previous one's solution.
+
+    Returns:
+        [(beta (N,), converged)] in the order of `costs`.
+    """
+    if list(costs) != sorted(costs):
+        raise ValueError(f"l2svm_path: costs {list(costs)} must be ascending")
+    sqrt_w = np.sqrt(weights)  # (N,)
+    scaled = shifted_solves(sqrt_w[:, None] * kernel * sqrt_w[None, :], sqrt_w * y, [0.5 / c for c in costs])  # (costs, N)
+    path: list[tuple[np.ndarray, bool]] = []
+    beta, closed_form = None, True
+    for cost, solution in zip(costs, scaled):
+        if closed_form:
+            candidate = sqrt_w * solution  # (N,)
+            f = kernel @ candidate  # (N,) decision values
+            residual = f + 0.5 / (cost * weights) * candidate - y  # of (K + diag(1 / (2 C weights))) beta = y
+            if np.linalg.norm(residual) <= 1e-10 * np.linalg.norm(y) and np.all(y * f < 1):
+                beta = candidate
+                path.append((beta, True))
+                continue
+            closed_form = False
+        beta, converged = l2svm_newton(kernel, y, cost, weights, beta, max_iter)
+        path.append((beta, converged))
+    return path
+
+
+def cv_average_precision(y: np.ndarray, scores: np.ndarray) -> float:
+    """sklearn's average_precision_score(y, scores) for y in {-1, +1} (+1 positive): the score of
+    cross_val_score(scoring="average_precision"), the step sum over distinct thresholds of
+    (recall_k - recall_k-1) * precision_k. Same arithmetic as sklearn's, so equal to the last bit, but
+    without its input checks, which take ~100x the computation on a cross-validation fold.
+    """
+    order = np.argsort(scores, kind="stable")[::-1]  # (m,) descending; the order among ties does not matter
+    ranked = scores[order]
+    ends = np.concatenate((np.flatnonzero(np.diff(ranked)), [ranked.size - 1]))  # last row of each distinct score
+    tps = np.cumsum(y[order] == 1, dtype=np.float64)[ends]  # true positives at each threshold
+    fps = 1 + ends.astype(np.float64) - tps
+    recall = tps / tps[-1] if tps[-1] else np.ones_like(tps)  # sklearn: recall 1 when there is no positive
+    precision = np.concatenate(((tps / (tps + fps))[::-1], [1.0]))
+    recall = np.concatenate((recall[::-1], [0.0]))
+    return float(max(0.0, -np.sum(np.diff(recall) * precision[:-1])))
+
+
+def _cv_fold(solver: str, data: np.ndarray, y: np.ndarray, fit_idx: np.ndarray, val_idx: np.ndarray,
+             costs: Sequence[float], positive_weight: float, max_iter: int, seed: int) -> tuple[list[float], int, int, int]:
+    """One (class, fold) of the cross-validation: the validation rows' AP (`cv_average_precision`, i.e. the
+    scorer of cross_val_score(scoring="average_precision")) of an SVM fitted on `fit_idx`, for each cost.
+
+    newton: `data` is the (N, N) kernel of the L2-normalised training rows (+1); liblinear: the (N, D) raw
+    training features, fitted by `goyal_svm` pipelines. y in {-1, +1}. A fit part without both labels scores
+    nan at every cost, as LinearSVC's refusal to fit one class does in cross_val_score.
+    Returns (AP per cost in the order of `costs`, fits, unconverged fits, worker thread id).
+    """
+    y_fit, y_val = y[fit_idx], y[val_idx]
+    if np.unique(y_fit).size < 2:
+        return [float("nan")] * len(costs), 0, 0, threading.get_ident()
+    aps, unconverged = [], 0
+    if solver == "newton":
+        order = np.argsort(costs, kind="stable")  # ascending for the path's warm starts
+        path = l2svm_path(data[np.ix_(fit_idx, fit_idx)], y_fit.astype(np.float64), [costs[i] for i in order],
+                          np.where(y_fit == 1, positive_weight, 1.0), max_iter)
+        cross = data[np.ix_(val_idx, fit_idx)]  # (m, n) kernel of the validation rows against the fit rows
+        by_cost = {int(i): cv_average_precision(y_val, cross @ beta) for i, (beta, _) in zip(order, path)}
+        aps = [float(by_cost[i]) for i in range(len(costs))]
+        unconverged = sum(not ok for _, ok in path)
+    else:
+        scorer = get_scorer("average_precision")
+        for cost in costs:
+            svm = goyal_svm(cost, positive_weight, max_iter, seed).fit(data[fit_idx], y_fit)
+            aps.append(float(scorer(svm, data[val_idx], y_val)))
+            unconverged += int(svm[-1].n_iter_ >= max_iter)
+    return aps, len(costs), unconverged, threading.get_ident()
+
+
+def _final_fit(solver: str, data: np.ndarray, test_data: np.ndarray, y: np.ndarray, cost: float, positive_weight: float,
+               max_iter: int, seed: int) -> tuple[np.ndarray, int, int]:
+    """One class's SVM on every training row at `cost`: (test decision values (M,), unconverged, thread id).
+
+    newton: `data` (N, N) and `test_data` (M, N) kernels (+1) against the training rows; liblinear: raw features.
+    """
+    if solver == "newton":
+        beta, converged = l2svm_newton(data, y.astype(np.float64), cost, np.where(y == 1, positive_weight, 1.0),
+                                       max_iter=max_iter)
+        return test_data @ beta, int(not converged), threading.get_ident()
+    svm = goyal_svm(cost, positive_weight, max_iter, seed).fit(data, y)
+    return svm.decision_function(test_data), int(svm[-1].n_iter_ >= max_iter), threading.get_ident()
+
+
+def svm_probe(train_x: np.ndarray, train_t: np.ndarray, test_x: np.ndarray, costs: Sequence[float] = GOYAL_COSTS,
+              folds: int = GOYAL_FOLDS, positive_weight: float = GOYAL_POSITIVE_WEIGHT, max_iter: int = 0,
+              n_jobs: int = -1, seed: int = 0, solver: str = "newton") -> dict[str, Any]:
+    """Goyal et al.'s per-class linear SVMs (see `goyal_svm`), the cost picked per class by k-fold CV.
+
+    Per class c: labels +1 where train_t[:, c] == 1, else -1 (difficult-only images too, as in their
+    train_svm_kfold.py); unshuffled StratifiedKFold(folds) over all training rows, as cross_val_score(cv=folds)
+    splits; mean validation AP per cost; the first cost (in the order of `costs`) with the highest mean, as
+    their np.argmax picks (a class whose CV could not fit, e.g. one positive image, gets the first cost as
+    their argmax over nan does; so does one with fewer positives and fewer negatives than folds, where
+    their StratifiedKFold stops with an error); that cost's SVM refitted on all training rows scores the
+    test rows.
+    A class with no positive or no negative training image is not fitted (its scores stay 0).
+
+    Solvers, both of LinearSVC's objective on L2-normalised rows: "newton" solves it exactly from the N x N
+    kernel (`l2svm_path`, `l2svm_newton`); "liblinear" runs their Normalizer -> LinearSVC pipeline itself,
+    which stops at `max_iter` epochs (theirs: 2000) before the optimum at large costs and is far slower.
+
+    Args:
+        train_x: (N, D) training features; test_x: (M, D) test features (raw: rows are normalised here).
+        train_t: (N, C) targets in {1, 0, -1}.
+        costs: the SVM costs C tried, in the order that breaks ties.
+        max_iter: Newton steps or liblinear epochs per fit; 0: DEFAULT_MAX_ITER.
+        n_jobs: joblib worker threads over the (class, fold) cost paths, then over the final per-class fits.
+        seed: liblinear's random coordinate order.
+
+    Returns:
+        dict(scores=(M, C) decision values, best_C={class index: C}, cv_ap={class index: [mean CV AP per cost,
+        in the order of `costs`]}, fits, unconverged, workers (ids of the threads that ran fits)).
     """
     if solver not in SVM_SOLVERS:
         raise ValueError(f"--svm-solver {solver!r}: choose one of {SVM_SOLVERS}")
+    costs = tuple(float(c) for c in costs)
+    if not costs or min(costs) <= 0:
+        raise ValueError(f"--costs {list(costs)}: give one or more positive SVM costs")
+    if folds < 2 or folds > len(train_x):
+        raise ValueError(f"--cv-folds {folds}: use 2 to {len(train_x)} (the number of training images)")
     max_iter = max_iter or DEFAULT_MAX_ITER[solver]
-    costs = sorted(float(c) for c in costs)
-    scaler = StandardScaler().fit(train_x)  # zero mean, unit variance per dimension, from the training split
-    xtr = scaler.transform(train_x).astype(np.float64)  # (N, D)
-    xte = scaler.transform(test_x).astype(np.float64)  # (M, D)
     if solver == "newton":
-        fit_data, test_data = xtr @ xtr.T + 1.0, xte @ xtr.T + 1.0  # (N, N), (M, N) kernels; +1: the bias
-        fitted_dim = xtr.shape[1]
+        # Normalizer has nothing to fit (each row is divided by its own norm), so normalising once here
+        # equals normalising inside every fold as the pipeline does.
+        xtr = Normalizer().transform(train_x.astype(np.float64))  # (N, D) unit rows
+        xte = Normalizer().transform(test_x.astype(np.float64))  # (M, D)
+        data, test_data = xtr @ xtr.T + 1.0, xte @ xtr.T + 1.0  # (N, N), (M, N) kernels; +1: the bias
     else:
-        if xtr.shape[0] < xtr.shape[1]:
-            basis = span_basis(xtr)  # (D, r)
-            xtr, xte = xtr @ basis, xte @ basis  # (N, r), (M, r)
-        fit_data, test_data, fitted_dim = xtr, xte, xtr.shape[1]
-    num_classes = train_t.shape[1]
-    jobs, plan, best_cost, cv_ap = [], [], {}, {}
-    for c in range(num_classes):
-        keep = np.flatnonzero(train_t[:, c] != -1)
-        y = (train_t[:, c] == 1).astype(np.int64)
-        npos, nneg = int(y[keep].sum()), int(len(keep) - y[keep].sum())
-        if npos == 0 or nneg == 0:
-            continue  # nothing to separate: scores stay 0 and evaluation skips or reports the class
-        n_splits = min(folds, npos, nneg)
-        if n_splits < 2:  # too few positives to cross-validate: the middle of the grid
-            best_cost[c] = costs[len(costs) // 2]
-            continue
-        splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-        for tr, va in splitter.split(keep, y[keep]):
-            plan.append((c, y[keep[va]]))
-            jobs.append(delayed(_svm_path)(solver, fit_data, fit_data, y, keep[tr], keep[va], costs, positive_weight,
-                                           max_iter, seed))
-    # Threads, not processes: both solvers spend their time in code that releases the GIL, and threads
-    # share the features instead of copying them. BLAS is kept to one thread per worker: OpenBLAS
-    # threads inside parallel workers oversubscribe the cores and spin (30x slower Cholesky here).
-    parallel = Parallel(n_jobs=n_jobs, prefer="threads")
-    with threadpool_limits(limits=1 if effective_n_jobs(n_jobs) > 1 else None, user_api="blas"):
-        results = parallel(jobs) if jobs else []
-        by_class: dict[int, list[list[float]]] = {}
-        for (c, y_val), (fold_scores, _, _) in zip(plan, results):
-            by_class.setdefault(c, []).append([average_precision(s, y_val, "all_point") for s in fold_scores])
-        for c, fold_aps in by_class.items():
-            means = np.nanmean(np.array(fold_aps), axis=0)  # (costs,) mean CV AP per cost
-            cv_ap[c] = means.tolist()
-            best_cost[c] = costs[int(np.nanargmax(means))] if not np.isnan(means).all() else costs[len(costs) // 2]
-        final = sorted(best_cost.items())
-        finals = parallel(
-            delayed(_svm_path)(solver, fit_data, test_data, (train_t[:, c] == 1).astype(np.int64),
-                               np.flatnonzero(train_t[:, c] != -1), np.arange(len(xte)), [cost], positive_weight,
-                               max_iter, seed)
-            for c, cost in final)
-    scores = np.zeros((len(xte), num_classes))
-    for (c, _), (s, _, _) in zip(final, finals):
-        scores[:, c] = s[0]
-    return {"scores": scores, "best_C": dict(final), "cv_ap": cv_ap,
-            "fits": len(results) * len(costs) + len(finals), "unconverged": sum(r[1] for r in results + finals),
-            "workers": {r[2] for r in results + finals}, "fitted_dim": fitted_dim}
+        data, test_data = train_x.astype(np.float64), test_x.astype(np.float64)
+    labels = np.where(train_t == 1, 1, -1)  # (N, C)
+    fitted = [c for c in range(labels.shape[1]) if np.unique(labels[:, c]).size == 2]
+    jobs, plan = [], []
+    with warnings.catch_warnings():
+        # expected with few positives, and handled as cross_val_score handles them: a fold without a
+        # positive to score (AP 0), fewer members than folds; liblinear's iteration cap is counted instead
+        warnings.filterwarnings("ignore", message="No positive class found in y_true")
+        warnings.filterwarnings("ignore", message="The least populated class in y has only")
+        warnings.filterwarnings("ignore", category=ConvergenceWarning)
+        for c in fitted:
+            if np.bincount(labels[:, c] > 0).max() < folds:  # StratifiedKFold refuses to split: no CV score
+                continue
+            for fit_idx, val_idx in StratifiedKFold(n_splits=folds).split(data, labels[:, c]):
+                plan.append(c)
+                jobs.append(delayed(_cv_fold)(solver, data, labels[:, c], fit_idx, val_idx, costs, positive_weight,
+                                              max_iter, seed))
+        # Threads, not processes: both solvers spend their time in code that releases the GIL, and threads
+        # share the features instead of copying them. BLAS is kept to one thread per worker: OpenBLAS
+        # threads inside parallel workers oversubscribe the cores and spin (30x slower Cholesky here).
+        parallel = Parallel(n_jobs=n_jobs, prefer="threads")
+        with threadpool_limits(limits=1 if effective_n_jobs(n_jobs) > 1 else None, user_api="blas"):
+            results = parallel(jobs) if jobs else []
+            fold_aps: dict[int, list[list[float]]] = {}
+            for c, (aps, _, _, _) in zip(plan, results):
+                fold_aps.setdefault(c, []).append(aps)
+            nan = [float("nan")] * len(costs)
+            cv_ap = {c: np.mean(fold_aps[c], axis=0).tolist() if c in fold_aps else nan for c in fitted}  # nan: a fold failed
+            best_cost = {c: costs[int(np.argmax(cv_ap[c]))] for c in fitted}  # argmax: the first max, or the first nan
+            finals = parallel(delayed(_final_fit)(solver, data, test_data, labels[:, c], best_cost[c], positive_weight,
+                                                  max_iter, seed) for c in fitted)
+    scores = np.zeros((len(test_x), labels.shape[1]))
+    for c, (s, _, _) in zip(fitted, finals):
+        scores[:, c] = s
+    return {"scores": scores, "best_C": best_cost, "cv_ap": cv_ap,
+            "fits": sum(r[1] for r in results) + len(finals),
+            "unconverged": sum(r[2] for r in results) + sum(f[1] for f in finals),
+            "workers": {r[3] for r in results} | {f[2] for f in finals}}
+
+
+def svm_protocol(costs: Sequence[float] = GOYAL_COSTS, folds: int = GOYAL_FOLDS,
+                 positive_weight: float = GOYAL_POSITIVE_WEIGHT, solver: str = "newton", max_iter: int = 0) -> str:
+    """Caption of `svm_probe`'s SVM scores: the protocol, then exactly where it differs from Goyal et al.'s code."""
+    differs = []
+    if solver == "newton":
+        differs.append("LinearSVC's objective solved to its exact optimum by Newton steps (theirs: liblinear, tol 1e-4, "
+                       "at most 2000 epochs, which stops short of the optimum at large costs)")
+    elif (max_iter or DEFAULT_MAX_ITER[solver]) != GOYAL_LINEAR_SVC["max_iter"]:
+        differs.append(f"liblinear at most {max_iter} epochs (theirs 2000)")  # max_iter is non-zero here
+    if tuple(float(c) for c in costs) != GOYAL_COSTS:
+        differs.append(f"costs {', '.join(f'{c:g}' for c in costs)} (theirs: 1e-7, 1e-6, ..., 10, 100, then 0.5^4 ... "
+                       "0.5^19; 26 values)")
+    if folds != GOYAL_FOLDS:
+        differs.append(f"{folds}-fold CV (theirs 3-fold)")
+    if positive_weight != GOYAL_POSITIVE_WEIGHT:
+        differs.append(f"positives weighted {positive_weight:g} (theirs 2)")
+    differs.append("rows divided by |x| (theirs by |x| + 1e-5)")
+    return (f"Linear SVM per class after Goyal et al. 2019 (fair_self_supervision_benchmark tools/svm): feature rows "
+            f"L2-normalised; LinearSVC (squared hinge, L2 penalty, dual, bias with intercept_scaling 1, positives "
+            f"weighted {positive_weight:g}), difficult-only training images as negatives; cost per class from "
+            f"{len(costs)} values by unshuffled stratified {folds}-fold cross-validation scored by sklearn's "
+            f"average_precision (first best in grid order); refit on the whole training split; test AP without "
+            f"difficult-only images. Differs: {'; '.join(differs)}.")
 
 
 # ------------------------------------------------------------------------------------------------- kNN
@@ -436,6 +579,8 @@ def main(cfg: ProbeConfig) -> dict[str, Any]:
     (train_feats, train_index), (test_feats, test_index) = split_feats["train"], split_feats["test"]
     train_t, test_t = eval_targets(train_voc)[train_index], eval_targets(test_voc)[test_index]  # (N, C), (M, C)
 
+    protocol = svm_protocol(cfg.costs, cfg.cv_folds, cfg.positive_weight, cfg.svm_solver, cfg.svm_max_iter)
+    print(protocol, flush=True)
     metrics: dict[str, Any] = {}
     per_class: list[dict[str, Any]] = []
     for layer in features.layers:
@@ -449,8 +594,8 @@ def main(cfg: ProbeConfig) -> dict[str, Any]:
         metrics[layer] = {
             "svm_mAP_11point": svm_report["mAP_11point"], "svm_mAP_all_point": svm_report["mAP_all_point"],
             "knn_mAP_11point": knn["mAP_11point"], "knn_mAP_all_point": knn["mAP_all_point"], "knn_top1": knn["top1"],
-            "best_C": best, "dim": dims[layer], "svm_fitted_dim": svm["fitted_dim"], "svm_fits": svm["fits"],
-            "svm_unconverged": svm["unconverged"], "svm_seconds": svm_seconds, "skipped_classes": svm_report["skipped"],
+            "best_C": best, "dim": dims[layer], "svm_fits": svm["fits"], "svm_unconverged": svm["unconverged"],
+            "svm_seconds": svm_seconds, "skipped_classes": svm_report["skipped"], "svm_protocol": protocol,
         }
         for s_row, k_row in zip(svm_report["per_class"], knn["per_class"]):
             per_class.append({"layer": layer, "class": s_row["class"], "svm_ap_11point": s_row["ap_11point"],
