@@ -50,11 +50,11 @@ def _two_clusters(n_per: int = 30, dim: int = 64, seed: int = 0) -> tuple[np.nda
 
 
 def test_feature_dims_follow_vissl_alexnet_settings():
-    features = ProbeFeatures(build_trunk("random"))
+    features = ProbeFeatures(build_trunk("random")[0])
     assert features.layers == PROBE_LAYERS
     assert features.dims(227) == EXPECTED_DIMS
     with pytest.raises(ValueError, match="fc6"):
-        ProbeFeatures(build_trunk("random"), ["fc6"])
+        ProbeFeatures(build_trunk("random")[0], ["fc6"])
 
 
 def test_knn_on_separable_clusters_is_perfect():
@@ -248,9 +248,10 @@ def test_tiny_probe_run_writes_a_table_per_layer(tiny_voc, tmp_path):
     cfg = ProbeConfig(data=str(tiny_voc), test_split="val", layers=("conv1", "pool5"), costs=(0.1, 10.0), workers=0,
                       n_jobs=2, knn_k=3, out=str(tmp_path / "probe"))
     metrics = main(cfg)
-    assert list(metrics) == ["conv1", "pool5"]
+    assert list(metrics["layers"]) == ["conv1", "pool5"] and "pool5/svm_mAP_11point" in metrics["scores"]
     saved = json.loads((tmp_path / "probe" / "metrics.json").read_text())
-    for layer, m in saved.items():
+    assert saved["task"] == "probe" and saved["calibration"]["layers"][0] == "conv1"
+    for layer, m in saved["layers"].items():
         assert m["dim"] == EXPECTED_DIMS[layer]
         for key in ("svm_mAP_11point", "svm_mAP_all_point", "knn_mAP_11point", "knn_mAP_all_point"):
             assert math.isfinite(m[key]) and 0 <= m[key] <= 1, (layer, key)

@@ -21,9 +21,14 @@ Normalizer), theirs by |x| + 1e-5. Other --costs, --cv-folds or --positive-weigh
 Every (class, fold) path over the costs is an independent job spread over all cores (joblib threads: the
 solvers release the GIL, and threads share the features instead of copying them).
 
-Writes `<out>/metrics.json` ({layer: {svm_mAP_11point, svm_mAP_all_point, knn_mAP_11point, knn_mAP_all_point,
-knn_top1, best_C, dim, svm_protocol, ...}}), `per_class.csv` (one row per layer and class) and `config.json`,
-and prints one summary line per layer.
+The trunk goes through the same rescaling protocol as in the fine-tuning tasks (`--rescale`): for a random
+trunk that is Krähenbühl et al.'s data-dependent init; the between-layer scaling multiplies each layer's
+features by one positive factor, which the per-row L2 normalisation removes.
+
+Writes `<out>/metrics.json` (the common header with `scores` "<layer>/svm_mAP_11point" ..., and under
+`layers` {layer: {svm_mAP_11point, svm_mAP_all_point, knn_mAP_11point, knn_mAP_all_point, knn_top1, best_C,
+dim, svm_protocol, ...}}), `per_class.csv` (one row per layer and class) and `config.json`, and prints one
+summary line per layer.
 """
 from __future__ import annotations
 
@@ -33,7 +38,6 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,12 +54,13 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pretrain.config import field, parse_config
-from pretrain.data import VOCDataset, resolve_voc_root, skip_none_collate
+from pretrain.config import field
+from pretrain.data import VOCDataset, skip_none_collate
+from pretrain.errors import run_cli
 from transfer.classify import centre_crop, eval_targets
-from transfer.experiment import calibration_batch, seed_everything, select_device, write_results
+from transfer.experiment import TransferConfig, calibration_batch, init_label, setup, write_results
 from transfer.metrics import classification_report, knn_vote_scores
-from transfer.trunk import build_trunk, init_label
+from transfer.trunk import build_trunk, calibrate_network_
 
 PROBE_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "pool5")
 # VISSL's AlexNet VOC07 SVM settings (Goyal et al. 2019): AvgPool2d (kernel, stride) per conv layer, so each
@@ -82,13 +87,9 @@ DEFAULT_MAX_ITER = {"newton": 100, "liblinear": GOYAL_LINEAR_SVC["max_iter"]}  #
 
 
 @dataclass
-class ProbeConfig:
+class ProbeConfig(TransferConfig):
     """Every option of a probe run; written to <out>/config.json."""
 
-    init: str = field("random", "trunk: random, rescaled, torchvision:PATH, a runs/<name>/ folder or a checkpoint .pth")
-    data: str = field("builtin", "'builtin' (generated VOC-layout scenes) or a VOC root (e.g. ../shared/data/camvid-voc)")
-    data_cache: str = field("", "where the built-in data is generated (default: $CTXENC_DATA_CACHE or ~/.cache/ctxenc)")
-    builtin_images: int = field(2000, "size of the built-in dataset")
     train_split: str = field("train", "split the SVMs are fitted (and cross-validated) on, and the kNN index holds")
     test_split: str = field("test", "split scored")
     layers: tuple[str, ...] = field(PROBE_LAYERS, "trunk layers to probe")
@@ -111,11 +112,7 @@ class ProbeConfig:
     amp: str = field("bf16", "feature extraction under autocast: none or bf16 (CPU or CUDA)", choices=("none", "bf16"))
     channels_last: bool = field(True, "NHWC memory layout (faster convolutions with oneDNN and cuDNN)")
     workers: int = field(2, "data loader processes")
-    seed: int = field(0, "seed for random/rescaled trunks and liblinear's coordinate order")
-    device: str = field("auto", "auto, cpu or cuda")
-    calib_images: int = field(32, "training images that calibrate --init rescaled")
     strict_images: bool = field(False, "stop at the first unreadable image instead of skipping it")
-    out: str = field("", "output folder (default: runs/transfer/probe/<init label>-seed<seed>)")
 
 
 # ------------------------------------------------------------------------------------------- features
@@ -545,23 +542,21 @@ def knn_probe(train_x: np.ndarray, train_t: np.ndarray, test_x: np.ndarray, test
 # ------------------------------------------------------------------------------------------------ main
 
 
-def default_out(cfg: ProbeConfig) -> Path:
-    return Path("runs") / "transfer" / "probe" / f"{init_label(cfg.init)}-seed{cfg.seed}"
-
-
 def main(cfg: ProbeConfig) -> dict[str, Any]:
-    """Extract features, fit and score the probes per layer, write the results; returns {layer: metrics}."""
-    start = time.time()
-    seed_everything(cfg.seed)
-    device = select_device(cfg.device)
-    out = Path(cfg.out) if cfg.out else default_out(cfg)
-    root = resolve_voc_root(cfg.data, cfg.data_cache or None, cfg.builtin_images)
+    """Extract features, fit and score the probes per layer, write the results; returns metrics.json's content
+    (per-layer details under "layers")."""
+    exp = setup(cfg, "probe", voc_task="classification", splits=(cfg.train_split, cfg.test_split))
+    device, root = exp.device, exp.root
     train_voc = VOCDataset(root, cfg.train_split, "classification", strict=cfg.strict_images)
     test_voc = VOCDataset(root, cfg.test_split, "classification", strict=cfg.strict_images)
     classes = list(train_voc.classes)
 
-    calib = calibration_batch(train_voc, cfg.calib_images, cfg.input_size, cfg.seed) if cfg.init == "rescaled" else None
-    trunk = build_trunk(cfg.init, cfg.seed, calib).to(device)
+    trunk, checkpoint = build_trunk(cfg.init, cfg.seed)
+    calibration = None
+    if cfg.rescale:  # the same protocol as the fine-tuning tasks; on frozen features it is the within-layer init
+        calib = calibration_batch(train_voc, cfg.calib_images, cfg.input_size, cfg.seed)  # (n, 3, S, S)
+        calibration = calibrate_network_(trunk, trunk, [], lambda: trunk(calib), calib, trunk_is_fresh=cfg.init == "random")
+    trunk.to(device)
     features = ProbeFeatures(trunk, cfg.layers).to(device)
     if cfg.channels_last:
         features.to(memory_format=torch.channels_last)
@@ -611,17 +606,20 @@ def main(cfg: ProbeConfig) -> dict[str, Any]:
               f"{unconverged}) | kNN k={cfg.knn_k} mAP 11pt "
               f"{100 * knn['mAP_11point']:.1f} / all-point {100 * knn['mAP_all_point']:.1f}{top1}", flush=True)
 
-    write_results(out, metrics, per_class, cfg)
+    scores = {f"{layer}/{key}": m[key] for layer, m in metrics.items()
+              for key in ("svm_mAP_11point", "svm_mAP_all_point", "knn_mAP_11point", "knn_mAP_all_point")}
+    result = write_results(exp, scores, {"layers": metrics, "svm_protocol": protocol, "calibration": calibration},
+                           per_class, checkpoint=checkpoint)
     skipped = sorted({c for m in metrics.values() for c in m["skipped_classes"]})
     if skipped:
         print(f"classes without a positive test image (left out of every mAP): {', '.join(skipped)}")
     print(f"probe init={init_label(cfg.init)} seed={cfg.seed}: {len(features.layers)} layers on {cfg.test_split} "
-          f"({len(test_index)} images) in {(time.time() - start) / 60:.1f} min -> {out}/")
-    return metrics
+          f"({len(test_index)} images) in {result['wall_seconds'] / 60:.1f} min -> {exp.out}/")
+    return result
 
 
 def cli(argv: list[str] | None = None) -> dict[str, Any]:
-    return main(parse_config(ProbeConfig, argv, description=__doc__ or ""))
+    return run_cli(main, ProbeConfig, argv, description=__doc__ or "")
 
 
 if __name__ == "__main__":
