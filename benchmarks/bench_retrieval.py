@@ -124,7 +124,7 @@ def main() -> None:
     else:
         calib = calibration_batch([load_rgb(p) for p in database[:64]], n=32, seed=args.seed)
         trunk, _ = build_trunk(args.init, args.seed)
-        calibrate_network_(trunk, trunk, [], lambda: trunk(calib), calib, trunk_is_fresh=args.init == "random")
+        calibrate_network_(trunk, trunk, [], lambda: trunk(calib), trunk_is_fresh=args.init == "random")
         trunk.eval()
         raw = conv5_vectors(trunk, database, total, args.seed)
         raw_q = conv5_vectors(trunk, held_out, POSITIONS * len(held_out), args.seed + 1)

@@ -20,6 +20,7 @@ its error and the rest go on; a collapsed one (the task's own verdict) shows as 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -42,7 +43,14 @@ if str(REPO) not in sys.path:
 
 from pretrain.main_pretrain import PretrainConfig  # noqa: E402
 from pretrain.main_pretrain import main as pretrain_main  # noqa: E402
-from pretrain.provenance import config_dict, config_hash, git_commit, package_versions, source_hash  # noqa: E402
+from pretrain.provenance import (  # noqa: E402
+    config_dict,
+    config_hash,
+    git_commit,
+    package_versions,
+    project_sources,
+    source_hash,
+)
 from transfer import classify, detect, probe, retrieve, segment  # noqa: E402
 
 # Pretraining variants: name -> PretrainConfig overrides (on top of the preset's pretraining budget).
@@ -53,7 +61,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ce-poolfree": {"mask": "random_region", "lambda_adv": 0.0, "encoder": "alexnet-poolfree"},
     "autoencoder": {"mask": "none", "lambda_adv": 0.0},
 }
-BASELINES = ("random", "rescaled")
+# Baselines: name -> the task options that make them. Every start goes through the rescaling protocol
+# (--rescale) except the raw Gaussian row, kept to show what the protocol is worth.
+BASELINES: dict[str, dict[str, Any]] = {
+    "random": {"init": "random"},  # Gaussian, then Krähenbühl et al.'s rescaling, as every start
+    "random-raw": {"init": "random", "rescale": False},  # "random, no rescaling"
+}
 
 # Per-preset budgets: overrides of each command's config. On 2 CPU cores one "full" cell takes 1-10 min
 # (pretraining ~8, detection ~5, the others ~1); results/summary.md gives the measured minutes per task.
@@ -64,7 +77,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "classify": {"epochs": 1, "batch_size": 16, "fc_width": 128, "ten_crop": False, "workers": 0},
         "probe": {"workers": 0, "cv_folds": 2, "knn_k": 5},
         "detect": {"epochs": 1, "batch_size": 4, "min_size": 128, "max_size": 160, "representation_size": 128,
-                   "workers": 0, "warmup_steps": 2, "vis_images": 2},
+                   "workers": 0, "warmup_epochs": 0.0, "vis_images": 2},
         "segment": {"epochs": 1, "batch_size": 8, "fc_width": 64, "crop_size": 128, "workers": 0},
         "retrieve": {"queries": 8, "gallery": 2, "max_images": 40},
     },
@@ -92,25 +105,10 @@ TASKS: dict[str, tuple[type, Callable[[Any], dict[str, Any]]]] = {
 }
 
 # The files whose contents decide each task's numbers: its module and every project module it imports, directly
-# or not (tests/test_run_all.py checks these lists against the imports). A stored cell whose files hash
-# differently from now is stale.
-_DATA_SOURCES = ("pretrain/data/__init__.py", "pretrain/data/images.py", "pretrain/data/synthetic.py",
-                 "pretrain/data/voc.py")
-_TRUNK_SOURCES = ("pretrain/__init__.py", "pretrain/checkpoint.py", "pretrain/config.py", "pretrain/dataset.py",
-                  "pretrain/distributed.py", "pretrain/masks.py", "pretrain/models.py", *_DATA_SOURCES,
-                  "transfer/__init__.py", "transfer/experiment.py", "transfer/trunk.py")
-_PRETRAIN_SOURCES = ("pretrain/__init__.py", "pretrain/allocator.py", "pretrain/checkpoint.py", "pretrain/config.py",
-                     "pretrain/dataset.py", "pretrain/distributed.py", "pretrain/engine.py", "pretrain/inpaint128.py",
-                     "pretrain/losses.py", "pretrain/main_pretrain.py", "pretrain/masks.py", "pretrain/models.py",
-                     *_DATA_SOURCES)
+# or not. A stored cell whose files hash differently from now is stale.
 TASK_SOURCES: dict[str, tuple[str, ...]] = {
-    "pretrain": _PRETRAIN_SOURCES,
-    "classify": ("transfer/classify.py", "transfer/metrics.py", *_TRUNK_SOURCES),
-    "probe": ("transfer/probe.py", "transfer/classify.py", "transfer/metrics.py", *_TRUNK_SOURCES),
-    "detect": ("transfer/detect.py", "transfer/metrics.py", *_TRUNK_SOURCES),
-    "segment": ("transfer/segment.py", "transfer/metrics.py", *_TRUNK_SOURCES),
-    # retrieve imports pretrain.main_pretrain (to rebuild a run's generator for its own fill)
-    "retrieve": ("transfer/retrieve.py", "transfer/gallery.py", *_TRUNK_SOURCES, *_PRETRAIN_SOURCES),
+    "pretrain": project_sources(inspect.getsourcefile(pretrain_main)),
+    **{task: project_sources(inspect.getsourcefile(main)) for task, (_, main) in TASKS.items()},
 }
 
 # Config fields that say where outputs go (or that a run resumes), not what is computed: left out of a cell's
@@ -162,11 +160,12 @@ def read_task_result(path: Path) -> tuple[str, dict[str, float], dict[str, Any]]
     return status, scores, provenance
 
 
-def task_config(run: dict[str, Any], task: str, init: str, seed: int, out: Path) -> Any:
-    """The task's config for one cell: the preset's overrides, this cell's start, seed and output folder."""
+def task_config(run: dict[str, Any], task: str, start: str, init: str, seed: int, out: Path) -> Any:
+    """The task's config for one cell: the preset's overrides, this cell's start (and a baseline's own options),
+    seed and output folder."""
     cls = TASKS[task][0]
-    fields = {**run["preset"].get(task, {}), "init": init, "seed": seed, "out": str(out), "data": run["data"],
-              "data_cache": run["data_cache"], **run["preset"]["data"]}
+    fields = {**run["preset"].get(task, {}), **BASELINES.get(start, {}), "init": init, "seed": seed, "out": str(out),
+              "data": run["data"], "data_cache": run["data_cache"], **run["preset"]["data"]}
     return cls(**{k: v for k, v in fields.items() if k in cls.__dataclass_fields__})
 
 
@@ -349,7 +348,7 @@ def known_starts(run: dict[str, Any], pretrain_ids: dict[str, dict[str, Any]], t
     for a pretrained start, the pretraining cell's hashes as it would be now)."""
     starts: dict[str, tuple[str, dict[str, str] | None]] = {
         v: (str(cell_work(run, "pretrain", v, 0)), pretrained_start(v, pretrain_ids[v])) for v in VARIANTS}
-    starts.update({b: (b, None) for b in BASELINES})
+    starts.update({name: (options["init"], None) for name, options in BASELINES.items()})
     if torchvision:
         starts["torchvision"] = (f"torchvision:{torchvision}", None)
     if task == "retrieve":
@@ -594,7 +593,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name, (init, init_id) in task_starts.items():
             for seed in seeds if task != "retrieve" else seeds[:1]:  # retrieval is deterministic given the init
                 folder = cell_work(run, task, name, seed)
-                cfg = task_config(run, task, init, seed, folder)
+                cfg = task_config(run, task, name, init, seed, folder)
                 run_cell(out / "cells" / task / name / f"seed{seed}.json", {"task": task, "start": name, "seed": seed},
                          cell_identity(task, cfg, init_id), folder, lambda t=task, c=cfg: run_task(t, c),
                          args.keep_stale, args.rerun_failed)
@@ -608,11 +607,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if start not in known:
             return None
         init, init_id = known[start]
-        return cell_identity(task, task_config(run, task, init, seed, cell_work(run, task, start, seed)), init_id)
+        return cell_identity(task, task_config(run, task, start, init, seed, cell_work(run, task, start, seed)), init_id)
 
     cells, refused = judge_cells(out, identity_now)
     data_label = "the built-in data" if args.data == "builtin" else Path(args.data).name
-    order = list(VARIANTS) + ["random", "rescaled", "torchvision", "hog"]
+    order = [*VARIANTS, *BASELINES, "torchvision", "hog"]
     table_starts = sorted({c["start"] for c in cells}, key=lambda s: order.index(s) if s in order else len(order))
     written = build_tables(cells, table_starts, out, data_label)
     wall = time.time() - t0

@@ -5,6 +5,7 @@ can be traced to the code and options that made it, and a runner can tell a stal
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import json
@@ -54,6 +55,38 @@ def source_hash(*paths: str | Path) -> str:
         digest.update(str(path.relative_to(REPO) if path.is_relative_to(REPO) else path.name).encode())
         digest.update(path.read_bytes() if path.is_file() else b"<missing>")
     return digest.hexdigest()[:16]
+
+
+PROJECT_PACKAGES = ("pretrain", "transfer")
+
+
+def project_sources(module_file: str | Path) -> tuple[str, ...]:
+    """The project files (repository-relative, sorted) that `module_file` is made of: itself and every module of
+    this project it imports, directly or not, imports inside functions and package __init__ files included.
+    What a result computed by that module depends on, for `source_hash`."""
+
+    def file_of(name: str) -> Path | None:
+        base = REPO.joinpath(*name.split("."))
+        return next((p for p in (base / "__init__.py", base.with_suffix(".py")) if p.is_file()), None)
+
+    todo, seen = [Path(module_file).resolve()], set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                if parts[0] in PROJECT_PACKAGES:
+                    todo += [f for i in range(1, len(parts) + 1) if (f := file_of(".".join(parts[:i])))]
+    return tuple(sorted(p.relative_to(REPO).as_posix() for p in seen))
 
 
 @lru_cache(maxsize=1)

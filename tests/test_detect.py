@@ -11,6 +11,7 @@ from transfer.detect import (
     DetectConfig,
     DetectionTransform,
     build_detector,
+    calibrate_detector_,
     hflip_boxes,
     list_collate,
     main,
@@ -28,14 +29,14 @@ LOSS_KEYS = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box
 def tiny_config(**overrides) -> DetectConfig:
     """Sizes for 64x48 images: upscaled to 96 px so conv5 is a 4x6 grid, a narrow head, no workers."""
     values = dict(min_size=96, max_size=128, anchor_sizes=(16, 32, 64), representation_size=64, rpn_post_nms_train=50,
-                  rpn_post_nms_test=20, box_batch_size=16, batch_size=2, workers=0, log_every=0, calib_images=4)
+                  rpn_post_nms_test=20, box_batch_size=16, batch_size=2, workers=0, calib_images=4)
     values.update(overrides)
     return DetectConfig(**values)
 
 
 def test_cli_parses_tuples_and_defaults():
-    cfg = parse_config(DetectConfig, ["--anchor-sizes", "16", "32", "--init", "rescaled", "--epochs", "2"])
-    assert cfg.anchor_sizes == (16, 32) and cfg.init == "rescaled" and cfg.epochs == 2
+    cfg = parse_config(DetectConfig, ["--anchor-sizes", "16", "32", "--rescale", "false", "--epochs", "2"])
+    assert cfg.anchor_sizes == (16, 32) and cfg.rescale is False and cfg.epochs == 2
     assert cfg.feature == "conv5" and cfg.data == "builtin" and cfg.amp == "none"
 
 
@@ -79,7 +80,7 @@ def test_train_transform_flips_boxes_and_keeps_them_in_the_image(tiny_voc):
 def test_detector_forward_backward_and_eval(tiny_voc):
     torch.manual_seed(0)
     cfg = tiny_config()
-    model = build_detector(build_trunk("random", seed=0), len(TINY_VOC_CLASSES), cfg)
+    model = build_detector(build_trunk("random", seed=0)[0], len(TINY_VOC_CLASSES), cfg)
     ds = VOCDataset(tiny_voc, split="train", task="detection", transform=DetectionTransform(train=True))
     images, targets = list_collate([ds[0], ds[3]])
     # an image with only difficult boxes trains as a pure negative (empty target)
@@ -106,14 +107,11 @@ def test_detector_forward_backward_and_eval(tiny_voc):
         assert ((out["labels"] >= 1) & (out["labels"] <= len(TINY_VOC_CLASSES))).all()
 
 
-@pytest.mark.parametrize("init", ["random", "rescaled", "run"])
+@pytest.mark.parametrize("init", ["random", "run"])
 def test_every_init_loads_into_the_detector(init, tiny_voc, tiny_pretrain_run):
     spec = str(tiny_pretrain_run) if init == "run" else init
-    calib = None
-    if init == "rescaled":
-        calib = calibration_batch(VOCDataset(tiny_voc, split="train", task="detection"), n=4)
-    trunk = build_trunk(spec, seed=3, calib_images=calib)
-    reference = {k: v.clone() for k, v in build_trunk(spec, seed=3, calib_images=calib).state_dict().items()}
+    trunk, _ = build_trunk(spec, seed=3)
+    reference = {k: v.clone() for k, v in build_trunk(spec, seed=3)[0].state_dict().items()}
     model = build_detector(trunk, len(TINY_VOC_CLASSES), tiny_config())
     inside = model.backbone.trunk.state_dict()
     assert inside.keys() == reference.keys()
@@ -144,11 +142,12 @@ def test_tiny_end_to_end_run_writes_metrics_and_picture(tiny_voc, tmp_path):
     out = tmp_path / "detect"
     metrics = main(tiny_config(data=str(tiny_voc), test_split="val", epochs=1, out=str(out), vis_images=2))
     saved = json.loads((out / "metrics.json").read_text())
-    for key in ("mAP_11point", "mAP_all_point", "skipped_classes", "ap_11point", "train_seconds"):
+    for key in ("skipped_classes", "ap_11point", "train_history", "calibration"):
         assert key in saved
+    assert saved["task"] == "detect" and set(saved["scores"]) == {"mAP_11point", "mAP_all_point"}
     assert saved["skipped_classes"] == ["circle"]  # the val split has no circle
     assert saved["ap_11point"]["circle"] is None  # nan is written as null
-    assert np.isfinite(metrics["mAP_11point"]) and 0 <= metrics["mAP_11point"] <= 1
+    assert np.isfinite(metrics["scores"]["mAP_11point"]) and 0 <= metrics["scores"]["mAP_11point"] <= 1
     assert (out / "detections.png").stat().st_size > 0
     assert (out / "per_class.csv").read_text().splitlines()[0].startswith("class,ap_11point,ap_all_point")
     assert json.loads((out / "config.json").read_text())["test_split"] == "val"
@@ -156,8 +155,22 @@ def test_tiny_end_to_end_run_writes_metrics_and_picture(tiny_voc, tmp_path):
 
 def test_pool5_feature_option_builds_a_working_detector():
     torch.manual_seed(0)
-    model = build_detector(build_trunk("random", seed=0), 2, tiny_config(feature="pool5", min_size=160, max_size=200))
+    model = build_detector(build_trunk("random", seed=0)[0], 2, tiny_config(feature="pool5", min_size=160, max_size=200))
     model.eval()
     with torch.no_grad():
         (out,) = model([torch.rand(3, 120, 160)])
     assert out["boxes"].shape[1] == 4
+
+
+def test_calibration_rescales_the_box_chain_and_zeroes_the_regressors(tiny_voc):
+    calib = calibration_batch(VOCDataset(tiny_voc, split="train", task="detection"), n=4)
+    trunk, _ = build_trunk("random", seed=0)
+    torch.manual_seed(0)
+    model = build_detector(trunk, len(TINY_VOC_CLASSES), tiny_config())
+    report = calibrate_detector_(model, trunk, calib, trunk_is_fresh=True)
+    assert report["layers"][-3:] == ["roi_heads.box_head.fc6", "roi_heads.box_head.fc7",
+                                     "roi_heads.box_predictor.cls_score"]
+    assert report["ratio_spread_after"] < 0.01 < report["ratio_spread_before"]
+    for regressor in (model.rpn.head.bbox_pred, model.roi_heads.box_predictor.bbox_pred):
+        assert torch.count_nonzero(regressor.weight) == 0
+    assert model.training

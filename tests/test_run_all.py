@@ -48,10 +48,10 @@ def test_quick_run_makes_every_table_and_resumes_after_a_kill(tmp_path):
         assert p.stat().st_mtime_ns == mtime, f"{p} was recomputed"
 
     transfer = pd.read_csv(out / "transfer.csv", index_col=0)
-    assert {"ce-l2", "random", "rescaled", "context encoder [published]"} <= set(transfer.index)
+    assert {"ce-l2", "random", "random-raw", "context encoder [published]"} <= set(transfer.index)
     assert list(transfer.columns[:3]) == ["classification mAP (VOC07 11-pt)", "detection mAP@0.5 (VOC07 11-pt)",
                                          "segmentation mIoU"]
-    for start in ("ce-l2", "random", "rescaled"):
+    for start in ("ce-l2", "random", "random-raw"):
         assert all(_finite(v) for v in transfer.loc[start].iloc[:3]), transfer.loc[start]
     probes = pd.read_csv(out / "probes.csv", index_col=0)
     assert list(probes.columns) == ["conv1", "conv2", "conv3", "conv4", "conv5", "pool5"]

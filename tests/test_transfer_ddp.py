@@ -88,26 +88,26 @@ def test_classify_two_processes_match_one(tmp_path, tiny_voc):
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     assert abs(losses[0][-1] - losses[0][0]) > 1e-2  # the steps were large enough for the comparison to mean something
     for key in ("mAP_11point", "mAP_all_point"):
-        assert m_ddp[key] == pytest.approx(m_single[key], abs=1e-6)
-    assert json.loads((runs["ddp"] / "metrics.json").read_text())["mAP_11point"] == m_ddp["mAP_11point"]
+        assert m_ddp["scores"][key] == pytest.approx(m_single["scores"][key], abs=1e-6)
+    assert json.loads((runs["ddp"] / "metrics.json").read_text())["scores"] == m_ddp["scores"]
 
 
 def _check_smoke_run(out: Path, stdout: str, summary: str, metric: str) -> None:
     assert stdout.count(summary) == 1, stdout  # rank 0 alone prints (and writes, in the same block)
     saved = json.loads((out / "metrics.json").read_text())
-    assert math.isfinite(saved[metric]) and 0 <= saved[metric] <= 1
+    assert math.isfinite(saved["scores"][metric]) and 0 <= saved["scores"][metric] <= 1
     assert (out / "config.json").exists() and (out / "per_class.csv").exists()
 
 
 def test_segment_under_torchrun(tmp_path, tiny_voc):
     out = tmp_path / "segment"
     args = ["--data", str(tiny_voc), "--test-split", "val", "--epochs", "1", "--batch-size", "2", "--crop-size", "72",
-            "--fc-width", "16", "--workers", "0", "--amp", "none", "--warmup-steps", "1", "--num-predictions", "2",
+            "--fc-width", "16", "--workers", "0", "--amp", "none", "--warmup-epochs", "0", "--num-predictions", "2",
             "--out", str(out)]
     stdout = _run(["-m", "transfer.segment"], args, nproc=2)
     _check_smoke_run(out, stdout, "segment random seed 0 on", "mIoU")
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["steps"] == 2 and math.isfinite(saved["final_train_loss"])  # 4 images, 2 per global batch
+    assert saved["steps"] == 2 and math.isfinite(saved["train_history"][-1]["loss"])  # 4 images, 2 per global batch
     assert (out / "predictions.png").exists()
 
 
@@ -116,9 +116,9 @@ def test_detect_under_torchrun(tmp_path, tiny_voc):
     args = ["--data", str(tiny_voc), "--test-split", "val", "--epochs", "1", "--batch-size", "2", "--min-size", "96",
             "--max-size", "128", "--anchor-sizes", "16", "32", "64", "--representation-size", "64",
             "--rpn-post-nms-train", "50", "--rpn-post-nms-test", "20", "--box-batch-size", "16", "--workers", "0",
-            "--log-every", "0", "--vis-images", "2", "--out", str(out)]
+            "--vis-images", "2", "--out", str(out)]
     stdout = _run(["-m", "transfer.detect"], args, nproc=2)
     _check_smoke_run(out, stdout, "detect random seed 0 on", "mAP_11point")
     saved = json.loads((out / "metrics.json").read_text())
-    assert all(math.isfinite(v) for v in saved["train_losses"][0].values())
+    assert all(math.isfinite(v) for v in saved["train_history"][0].values())
     assert (out / "detections.png").exists()

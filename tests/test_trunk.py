@@ -50,7 +50,7 @@ def test_every_start_goes_through_the_same_calibration(tiny_voc, tiny_pretrain_r
         torch.manual_seed(0)
         model = Classifier(trunk, num_classes=3, width=32)
         pretrained = {k: v.clone() for k, v in trunk.state_dict().items()}
-        reports[init] = calibrate_network_(model, trunk, model.new_layers(), lambda m=model: m(images), images,
+        reports[init] = calibrate_network_(model, trunk, model.new_layers(), lambda m=model: m(images),
                                            trunk_is_fresh=init == "random")
         stats = _pre_activation_stats(trunk, images)
         if init == "random":  # within-layer init gave every channel std 1; between-layer scaled whole layers
@@ -68,7 +68,7 @@ def test_conv_layers_come_in_forward_order_for_a_pool_free_trunk():
     # the pool-free trunk registers pool1/pool2's convs after conv5; calibration must follow the forward order
     trunk = AlexNetEncoder(pool_free=True)
     names = {m: n for n, m in trunk.named_modules()}
-    order = [names[m] for m in conv_layers(trunk, torch.randn(1, 3, 131, 131))]
+    order = [names[m] for m in conv_layers(trunk, lambda: trunk(torch.randn(1, 3, 131, 131)))]
     assert order.index("conv1") < order.index("conv2") < order.index("conv5") and len(order) == 8
     assert order[1].startswith("pool1") and order[-1].startswith("pool5")
 

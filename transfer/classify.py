@@ -257,7 +257,7 @@ def main(cfg: ClassifyConfig) -> dict[str, Any]:
     calibration = None
     if cfg.rescale:
         calib = calibration_batch(train_voc, cfg.calib_images, cfg.input_size, cfg.seed)  # (n, 3, S, S)
-        calibration = calibrate_network_(model, trunk, model.new_layers(), lambda: model(calib), calib,
+        calibration = calibrate_network_(model, trunk, model.new_layers(), lambda: model(calib),
                                          trunk_is_fresh=cfg.init == "random")
     model.to(device)
     if cfg.channels_last:

@@ -37,10 +37,8 @@ prints; every rank returns its metrics (transfer.experiment explains the split).
 from __future__ import annotations
 
 import functools
-import math
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,38 +56,38 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.utils import draw_bounding_boxes
 
-from pretrain.config import field, parse_config
-from pretrain.data import IMAGENET_MEAN, IMAGENET_STD, VOCDataset, resolve_voc_root, skip_none_collate
-from pretrain.distributed import all_reduce_mean
+from pretrain.config import field
+from pretrain.data import IMAGENET_MEAN, IMAGENET_STD, VOCDataset, skip_none_collate
+from pretrain.errors import BadOptionError, run_cli
+from transfer.engine import autocast, fit
 from transfer.experiment import (
+    FinetuneConfig,
     calibration_batch,
-    every_rank,
     finish_distributed,
-    global_count,
-    print0,
-    seed_everything,
+    init_label,
+    setup,
     share_from_main,
-    start_distributed,
     train_sampler,
     wrap_ddp,
     write_results,
 )
-from transfer.metrics import detection_report
-from transfer.trunk import build_trunk, init_label
+from transfer.metrics import detection_collapse, detection_report
+from transfer.rescale import within_layer_init_
+from transfer.trunk import build_trunk, calibrate_network_
 
 ROI_SIZE = 6  # RoIAlign output, pool5's 6x6: fc6 sees the same 256*6*6 inputs as AlexNet's
 
 
 @dataclass
-class DetectConfig:
+class DetectConfig(FinetuneConfig):
     """Every option of a detection transfer run; written to <out>/config.json."""
 
-    init: str = field("random", "trunk: random, rescaled, torchvision:PATH, a runs/<name>/ folder or a checkpoint .pth")
-    data: str = field("builtin", "'builtin' (generated VOC-layout scenes) or a VOC root (e.g. ../shared/data/camvid-voc)")
-    data_cache: str = field("", "where the built-in data is generated (default: $CTXENC_DATA_CACHE or ~/.cache/ctxenc)")
-    builtin_images: int = field(2000, "size of the built-in dataset")
-    train_split: str = field("train", "split the detector is trained on")
-    test_split: str = field("test", "split it is scored on")
+    epochs: int = field(2, "passes over the training split")
+    batch_size: int = field(8, "images per step in all (under torchrun split evenly over the processes)")
+    lr: float = field(0.02, "SGD learning rate for the global batch: linear warm-up from lr/100, then cosine decay to 0")
+    weight_decay: float = field(1e-4, "SGD weight decay on weights (not biases)")
+    warmup_epochs: float = field(0.3, "epochs of linear lr warm-up (at most a fifth of the run)")
+    amp: str = field("none", "autocast: none or bf16 (CPU or CUDA)", choices=("none", "bf16"))
     min_size: int = field(256, "short side images are resized to (torchvision's transform; Detectron uses 800)")
     max_size: int = field(400, "cap on the long side after resizing")
     feature: str = field("conv5", "trunk feature map: conv5 (stride 16) or pool5 (stride 32)", choices=("conv5", "pool5"))
@@ -100,26 +98,9 @@ class DetectConfig:
     rpn_post_nms_test: int = field(150, "proposals kept per image at test time (scenes hold 1-5 objects)")
     box_batch_size: int = field(64, "sampled RoIs per image for the box head (Fast R-CNN's 64; torchvision's 512)")
     box_score_thresh: float = field(0.001, "test-time detections below this score are dropped before NMS (a low "
-                                    "threshold can only raise AP; 0.05 left a weak detector with no detections at all)")
-    epochs: int = field(2, "passes over the training split (2 x 1400 built-in images: ~13 min on 1 busy CPU core)")
-    batch_size: int = field(8, "images per step in all (under torchrun split evenly over the processes)")
-    lr: float = field(0.02, "SGD learning rate for the global batch, also under torchrun (after warmup; cosine decay to 0)")
-    momentum: float = field(0.9, "SGD momentum")
-    weight_decay: float = field(1e-4, "SGD weight decay")
-    warmup_steps: int = field(50, "linear learning-rate warmup from lr/100")
-    clip_grad: float = field(10.0, "max global gradient norm (0: off); keeps the early RPN box losses from diverging")
-    amp: str = field("none", "autocast: none or bf16 (CPU or CUDA)", choices=("none", "bf16"))
-    seed: int = field(0, "seed for the trunk init, the head init, data order and flips")
-    device: str = field("auto", "auto, cpu or cuda")
-    workers: int = field(2, "data loader processes")
-    threads: int = field(0, "torch CPU threads (0: torch's default); 1 is ~2x faster on a CPU shared with other jobs")
-    calib_images: int = field(32, "training images that calibrate --init rescaled and --normalize-trunk")
-    normalize_trunk: bool = field(False, "divide each trunk conv by a scalar giving unit-RMS pre-activations before "
-                                         "fine-tuning, as classify and segment do by default; off here because the "
-                                         "committed detection results were measured without it (not yet compared)")
+                                    "threshold can only raise AP)")
+    threads: int = field(0, "torch CPU threads (0: torch's default)")
     vis_images: int = field(4, "test images drawn into detections.png")
-    log_every: int = field(20, "steps between progress lines")
-    out: str = field("", "output folder (default: runs/transfer/detect/<init label>-seed<seed>)")
 
 
 # ------------------------------------------------------------------------------------------------- model
@@ -220,10 +201,6 @@ def score_detections(detections: Sequence[dict[str, np.ndarray]], ground_truth: 
     return detection_report(detections, ground_truth, num_classes=len(classes), iou_threshold=0.5, classes=classes)
 
 
-def _autocast(device: torch.device, amp: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if amp == "bf16" else nullcontext()
-
-
 @torch.no_grad()
 def predict(model: FasterRCNN, loader: DataLoader, device: torch.device, amp: str = "none",
             ) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]], list[str]]:
@@ -234,7 +211,7 @@ def predict(model: FasterRCNN, loader: DataLoader, device: torch.device, amp: st
         if batch is None:
             continue
         images, targets = batch
-        with _autocast(device, amp):
+        with autocast(device, amp):
             outputs = model([im.to(device) for im in images])
         detections += to_detections(outputs)
         ground_truth += [to_ground_truth(t) for t in targets]
@@ -277,79 +254,76 @@ def make_loader(dataset: VOCDataset, batch_size: int, train: bool, workers: int,
                       generator=torch.Generator().manual_seed(seed), persistent_workers=train and workers > 0)
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warmup from 1/100, then cosine decay to 0 at `total` steps."""
-    if step < warmup:
-        return 0.01 + 0.99 * step / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+def detection_loss(model: nn.Module, batch: tuple, device: torch.device) -> torch.Tensor:
+    """The sum of torchvision's four Faster R-CNN losses (RPN objectness and box, classifier and box)."""
+    images, targets = batch
+    images = [im.to(device) for im in images]
+    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+    return sum(model(images, targets).values())  # loss_classifier, loss_box_reg, loss_objectness, loss_rpn_box_reg
 
 
-def train_one_epoch(model: FasterRCNN, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, cfg: DetectConfig,
-                    epoch: int) -> dict[str, float]:
-    """One pass; returns the mean of each torchvision loss term (and their sum) over the epoch, over this
-    process's batches (under torchrun, its share of each global batch)."""
+def calibration_boxes(size: int, per_side: int = 3) -> torch.Tensor:
+    """(per_side^2 * 2, 4) fixed x1y1x2y2 boxes over a size x size image: a grid of squares at two scales, for the
+    box head's rescaling (any fixed set of regions of real images serves; ground truth is not needed)."""
+    boxes = []
+    for scale in (0.5, 0.3):
+        side = size * scale
+        for cy in torch.linspace(side / 2, size - side / 2, per_side):
+            for cx in torch.linspace(side / 2, size - side / 2, per_side):
+                boxes.append([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2])
+    return torch.tensor(boxes)
+
+
+def calibrate_detector_(model: FasterRCNN, trunk: nn.Module, calib: torch.Tensor, trunk_is_fresh: bool) -> dict[str, Any]:
+    """The rescaling protocol on the detector, as Krähenbühl et al. apply it to Fast R-CNN: the chain trunk ->
+    RoIAlign on fixed boxes -> fc6 -> fc7 -> class scores gets the within-layer init of its fresh layers and the
+    between-layer calibration; the RPN's conv and objectness layers (a branch off the trunk) get the within-layer
+    init on the calibrated trunk's features; both box regressors start at zero (no box change before training)."""
+    size = calib.shape[-1]
+    boxes = calibration_boxes(size)
+    heads = model.roi_heads
+
+    def class_scores() -> torch.Tensor:
+        features = {"0": model.backbone(calib)}  # (B, 256, h, w)
+        rois = heads.box_roi_pool(features, [boxes] * len(calib), [(size, size)] * len(calib))  # (B*R, 256, 6, 6)
+        return heads.box_predictor(heads.box_head(rois))[0]  # (B*R, classes + 1)
+
+    head_layers = [heads.box_head.fc6, heads.box_head.fc7, heads.box_predictor.cls_score]
+    report = calibrate_network_(model, trunk, head_layers, class_scores, trunk_is_fresh)
+    rpn = model.rpn.head
+    rpn_layers = [next(m for m in rpn.conv.modules() if isinstance(m, nn.Conv2d)), rpn.cls_logits]
+    with torch.no_grad():
+        features = model.backbone(calib)  # (B, 256, h, w), the calibrated trunk's
+    model.eval()
+    within_layer_init_(rpn_layers, lambda: rpn([features])[0][0], set(rpn_layers))
     model.train()
-    sums: dict[str, float] = {}
-    steps, skipped, start = 0, 0, time.time()
-    for batch, n_skipped in loader:
-        skipped += n_skipped
-        if not every_rank(batch is not None, device):  # all images unreadable (on some rank): skip the step
-            continue
-        images, targets = batch
-        images = [im.to(device) for im in images]
-        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-        with _autocast(device, cfg.amp):
-            losses = model(images, targets)  # dict: loss_classifier, loss_box_reg, loss_objectness, loss_rpn_box_reg
-        loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"epoch {epoch} step {steps}: non-finite detection loss {losses}; "
-                                     f"lower --lr or keep --clip-grad on")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.clip_grad > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        optimizer.step()
-        scheduler.step()
-        for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach())
-        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-        steps += 1
-        if cfg.log_every and steps % cfg.log_every == 0:
-            rate = steps * cfg.batch_size / (time.time() - start)
-            print0(f"epoch {epoch} step {steps}/{len(loader)} loss {sums['loss'] / steps:.3f} "
-                   f"lr {optimizer.param_groups[0]['lr']:.4f} {rate:.1f} img/s", flush=True)
-    means = {k: v / max(steps, 1) for k, v in sums.items()}
-    means["skipped_images"] = skipped
-    return means
-
-
-def default_out(cfg: DetectConfig) -> Path:
-    return Path("runs") / "transfer" / "detect" / f"{init_label(cfg.init)}-seed{cfg.seed}"
+    for regressor in (rpn.bbox_pred, heads.box_predictor.bbox_pred):
+        nn.init.zeros_(regressor.weight)
+        nn.init.zeros_(regressor.bias)
+    return report
 
 
 def main(cfg: DetectConfig) -> dict[str, Any]:
     """Train on `train_split`, score on `test_split`; writes the run folder and returns metrics.json's content."""
     if cfg.epochs < 0 or cfg.batch_size <= 0:
-        raise ValueError("--epochs must be >= 0 and --batch-size positive")
+        raise BadOptionError("--epochs must be >= 0 and --batch-size positive")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)  # oversubscribed OpenMP threads spin at every small op's barrier
-    seed_everything(cfg.seed)
-    run = start_distributed(cfg.device, cfg.batch_size)  # without torchrun: rank 0 of 1 on --device
-    device = run.device
-    out = Path(cfg.out) if cfg.out else default_out(cfg)
-    root = resolve_voc_root(cfg.data, cfg.data_cache or None, cfg.builtin_images)
-    train_set = VOCDataset(root, split=cfg.train_split, task="detection", transform=DetectionTransform(train=True))
-    test_set = VOCDataset(root, split=cfg.test_split, task="detection", transform=DetectionTransform(train=False))
+    exp = setup(cfg, "detect", cfg.batch_size, "detection", (cfg.train_split, cfg.test_split))
+    run, device = exp.run, exp.device
+    train_set = VOCDataset(exp.root, split=cfg.train_split, task="detection", transform=DetectionTransform(train=True))
+    test_set = VOCDataset(exp.root, split=cfg.test_split, task="detection", transform=DetectionTransform(train=False))
     classes = train_set.classes
 
-    calib = None
-    if cfg.init == "rescaled" or cfg.normalize_trunk:
-        raw = VOCDataset(root, split=cfg.train_split, task="detection")
-        calib = calibration_batch(raw, n=cfg.calib_images, seed=cfg.seed)
-    trunk = build_trunk(cfg.init, seed=cfg.seed, calib_images=calib, normalize=cfg.normalize_trunk)
+    trunk, checkpoint = build_trunk(cfg.init, seed=cfg.seed)
     torch.manual_seed(cfg.seed)  # the heads' init does not depend on which --init built the trunk
-    model = build_detector(trunk, len(classes), cfg).to(device)
+    model = build_detector(trunk, len(classes), cfg)
+    calibration = None
+    if cfg.rescale:
+        raw = VOCDataset(exp.root, split=cfg.train_split, task="detection")
+        calib = calibration_batch(raw, n=cfg.calib_images, seed=cfg.seed)  # (n, 3, 227, 227)
+        calibration = calibrate_detector_(model, trunk, calib, trunk_is_fresh=cfg.init == "random")
+    model.to(device)
     # A pool-free trunk's pool5 is a conv that conv5 features never reach: DDP must then expect unused parameters.
     unused = cfg.feature == "conv5" and any(p.requires_grad for p in trunk.pool5.parameters())
     ddp_model = wrap_ddp(model, run, find_unused_parameters=unused)  # trains; `model` (the same weights) is tested
@@ -361,23 +335,12 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
     train_loader = make_loader(train_set, cfg.batch_size // run.world_size, True, cfg.workers, cfg.seed + run.rank,
                                sampler)
     test_loader = make_loader(test_set, cfg.batch_size, False, cfg.workers, cfg.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    total = cfg.epochs * len(train_loader)  # global steps: under torchrun each rank takes 1/N of every batch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.warmup_steps))
 
-    history = []
-    start = time.time()
-    for epoch in range(cfg.epochs):
+    def set_epoch(epoch: int) -> None:
         if sampler is not None:
             sampler.set_epoch(epoch)
-        losses = train_one_epoch(ddp_model, train_loader, optimizer, scheduler, device, cfg, epoch)
-        # over all ranks (identities without torchrun): each loss term averages the ranks' means
-        losses = {k: global_count(v, device) if k == "skipped_images" else all_reduce_mean(v, device)
-                  for k, v in losses.items()}
-        history.append(losses)
-        print0(f"epoch {epoch}: " + " ".join(f"{k} {v:.3f}" for k, v in losses.items()), flush=True)
-    train_seconds = time.time() - start
+
+    state = fit(model, ddp_model, train_loader, detection_loss, cfg, device, set_epoch)
 
     metrics: dict[str, Any] | None = None
     if run.is_main:  # the whole test split with the unwrapped model, as one process would; the others wait below
@@ -385,32 +348,34 @@ def main(cfg: DetectConfig) -> dict[str, Any]:
         detections, ground_truth, ids = predict(model, test_loader, device, cfg.amp)
         eval_seconds = time.time() - start
         report = score_detections(detections, ground_truth, classes)
-
-        out.mkdir(parents=True, exist_ok=True)
         n_vis = min(cfg.vis_images, len(detections))
         if n_vis:
             position = {image_id: k for k, image_id in enumerate(test_set.ids)}
             images = [test_set[position[i]][0] for i in ids[:n_vis]]
-            save_detection_grid(out / "detections.png", images, detections[:n_vis], ground_truth[:n_vis], classes)
-
-        metrics = {
-            "task": "detect", "init": init_label(cfg.init), "seed": cfg.seed, "data": cfg.data,
-            "mAP_11point": report["mAP_11point"], "mAP_all_point": report["mAP_all_point"],
+            save_detection_grid(exp.out / "detections.png", images, detections[:n_vis], ground_truth[:n_vis], classes)
+        details = {
             "iou_threshold": report["iou_threshold"], "skipped_classes": report["skipped"],
             "ap_11point": {r["class"]: r["ap_11point"] for r in report["per_class"]},
             "ap_all_point": {r["class"]: r["ap_all_point"] for r in report["per_class"]},
-            "num_train_images": len(train_set), "num_test_images": len(detections),
-            "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
-            "train_losses": history,
+            "num_train_images": len(train_set), "num_test_images": len(detections), "epochs": cfg.epochs,
+            "eval_seconds": round(eval_seconds, 1), "train_history": state.history, "calibration": calibration,
         }
-        write_results(out, metrics, report["per_class"], config=cfg)
-        print(f"detect {metrics['init']} seed {cfg.seed} on {cfg.data}: mAP@0.5 11-point {100 * metrics['mAP_11point']:.1f}, "
-              f"all-point {100 * metrics['mAP_all_point']:.1f} ({len(classes) - len(report['skipped'])} classes scored, "
-              f"train {train_seconds:.0f} s, test {eval_seconds:.0f} s) -> {out}", flush=True)
+        n_boxes = sum(len(d["scores"]) for d in detections)
+        metrics = write_results(exp, {"mAP_11point": report["mAP_11point"], "mAP_all_point": report["mAP_all_point"]},
+                                details, report["per_class"], detection_collapse(n_boxes, cfg.box_score_thresh),
+                                checkpoint)
+        print(f"detect {init_label(cfg.init)} seed {cfg.seed} on {cfg.data}: mAP@0.5 11-point "
+              f"{100 * report['mAP_11point']:.1f}, all-point {100 * report['mAP_all_point']:.1f} "
+              f"({len(classes) - len(report['skipped'])} classes scored, {metrics['wall_seconds']:.0f} s) -> {exp.out}",
+              flush=True)
     metrics = share_from_main(metrics)  # rank 0's metrics on every rank (identity without torchrun)
     finish_distributed(run)
     return metrics
 
 
+def cli(argv: list[str] | None = None) -> dict[str, Any]:
+    return run_cli(main, DetectConfig, argv, description=__doc__.split("\n")[0])
+
+
 if __name__ == "__main__":
-    main(parse_config(DetectConfig, description=__doc__.split("\n")[0]))
+    cli()

@@ -555,7 +555,7 @@ def main(cfg: ProbeConfig) -> dict[str, Any]:
     calibration = None
     if cfg.rescale:  # the same protocol as the fine-tuning tasks; on frozen features it is the within-layer init
         calib = calibration_batch(train_voc, cfg.calib_images, cfg.input_size, cfg.seed)  # (n, 3, S, S)
-        calibration = calibrate_network_(trunk, trunk, [], lambda: trunk(calib), calib, trunk_is_fresh=cfg.init == "random")
+        calibration = calibrate_network_(trunk, trunk, [], lambda: trunk(calib), trunk_is_fresh=cfg.init == "random")
     trunk.to(device)
     features = ProbeFeatures(trunk, cfg.layers).to(device)
     if cfg.channels_last:

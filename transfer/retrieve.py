@@ -322,7 +322,7 @@ def build_featurizer(cfg: RetrieveConfig, images: RetrievalImages, device: torch
     if cfg.rescale:
         calib = calibration_batch([load_rgb(p) for p in images.paths[:4 * cfg.calib_images]], n=cfg.calib_images,
                                   size=cfg.size, seed=cfg.seed)  # (n, 3, S, S)
-        calibration = calibrate_network_(trunk, trunk, [], lambda: trunk(calib), calib,
+        calibration = calibrate_network_(trunk, trunk, [], lambda: trunk(calib),
                                          trunk_is_fresh=cfg.init == "random")
     return TrunkFeatures(trunk, cfg.layer, device), checkpoint, calibration
 

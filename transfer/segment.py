@@ -436,7 +436,7 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
     if cfg.rescale:
         raw = VOCDataset(exp.root, split=cfg.train_split, task="segmentation", strict=cfg.strict_images)
         calib = calibration_batch(raw, n=cfg.calib_images, seed=cfg.seed)  # (n, 3, 227, 227)
-        calibration = calibrate_network_(model, trunk, model.new_layers(), lambda: model(calib, 4), calib,
+        calibration = calibrate_network_(model, trunk, model.new_layers(), lambda: model(calib, 4),
                                          trunk_is_fresh=cfg.init == "random")
     model.to(device)
     if cfg.channels_last:

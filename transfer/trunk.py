@@ -67,30 +67,32 @@ def build_trunk(init: str, seed: int = 0, arch: str = "caffe") -> tuple[AlexNetE
     return load_encoder(init)
 
 
-def conv_layers(trunk: nn.Module, images: torch.Tensor) -> list[nn.Module]:
-    """The trunk's convolutions in the order its forward pass calls them (a pool-free trunk registers its
-    downsampling convs after conv5)."""
+def conv_layers(trunk: nn.Module, run: Callable[[], torch.Tensor]) -> list[nn.Module]:
+    """The trunk's convolutions that `run()` uses, in the order it calls them (a pool-free trunk registers its
+    downsampling convs after conv5; a detector reading conv5 never calls pool5's)."""
     convs = [m for m in trunk.modules() if isinstance(m, nn.Conv2d)]
     called: list[nn.Module] = []
     hooks = [m.register_forward_hook(lambda m, _i, _o: called.append(m)) for m in convs]
-    with torch.no_grad():
-        trunk(images[:1])
-    for h in hooks:
-        h.remove()
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
     return list(dict.fromkeys(called))
 
 
 def calibrate_network_(model: nn.Module, trunk: nn.Module, new_layers: Sequence[nn.Module],
-                       run: Callable[[], torch.Tensor], calib_images: torch.Tensor, trunk_is_fresh: bool) -> dict[str, Any]:
+                       run: Callable[[], torch.Tensor], trunk_is_fresh: bool) -> dict[str, Any]:
     """The paper's protocol on a task network `model` (its trunk, then its `new_layers` in forward order):
     within-layer data-dependent init of every fresh layer, then the between-layer gradient-ratio calibration of
     all of them. `run()` is the network's forward on the calibration batch (evaluated in eval mode: no dropout).
     Returns a short report for metrics.json."""
-    layers = [*conv_layers(trunk, calib_images), *new_layers]
-    fresh = set(new_layers) | (set(layers) if trunk_is_fresh else set())
     was_training = model.training
     model.eval()
     try:
+        layers = [*conv_layers(trunk, run), *new_layers]
+        fresh = set(new_layers) | (set(layers) if trunk_is_fresh else set())
         report = krahenbuhl_rescale_(layers, run, fresh)
     finally:
         model.train(was_training)
