@@ -44,6 +44,7 @@ if str(REPO) not in sys.path:
 from pretrain.main_pretrain import PretrainConfig  # noqa: E402
 from pretrain.main_pretrain import main as pretrain_main  # noqa: E402
 from pretrain.provenance import (  # noqa: E402
+    OUTPUT_FIELDS,
     config_dict,
     config_hash,
     git_commit,
@@ -111,9 +112,6 @@ TASK_SOURCES: dict[str, tuple[str, ...]] = {
     **{task: project_sources(inspect.getsourcefile(main)) for task, (_, main) in TASKS.items()},
 }
 
-# Config fields that say where outputs go (or that a run resumes), not what is computed: left out of a cell's
-# config hash.
-OUTPUT_FIELDS = ("out", "output_dir", "name", "data_cache", "resume")
 
 # The common header every transfer task's metrics.json starts with (written by the task, read here).
 HEADER_FIELDS = ("task", "init", "init_label", "seed", "data", "commit", "config_hash", "versions", "wall_seconds",

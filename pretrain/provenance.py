@@ -33,6 +33,12 @@ def git_commit() -> str:
     return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
+# Config fields of any command that say where outputs go, how fast they are made, or that a run resumes, not what
+# is computed: left out of every config hash (results' headers and benchmark cells alike).
+OUTPUT_FIELDS = ("out", "output_dir", "name", "data_cache", "resume", "overwrite", "workers", "device", "threads",
+                 "num_predictions", "vis_images", "gallery")
+
+
 def config_dict(config: Any) -> dict[str, Any]:
     """A dataclass config (or a mapping) as a plain dict."""
     return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)

@@ -65,7 +65,8 @@ def test_classify_two_processes_match_one(tmp_path, tiny_voc):
     runner = tmp_path / "run_classify.py"
     runner.write_text(RUNNER)
     common = ["--data", str(tiny_voc), "--test-split", "val", "--epochs", "3", "--batch-size", "4", "--fc-width", "16",
-              "--workers", "0", "--dropout", "0", "--amp", "none", "--calib-images", "4", "--warmup-epochs", "0", "--lr", "0.0002",
+              "--workers", "0", "--dropout", "0", "--amp", "none", "--calib-images", "4", "--warmup-epochs", "0",
+              "--lr", "0.0002",
               "--clip-grad", "0"]
     runs = {}
     for name, nproc in (("single", None), ("ddp", 2)):

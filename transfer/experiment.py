@@ -30,7 +30,7 @@ from pretrain.data import resolve_voc_root, validate_voc_split
 from pretrain.dataset import normalize, resize_short_side
 from pretrain.distributed import all_reduce_mean, init_distributed, is_main_process
 from pretrain.errors import BadOptionError
-from pretrain.provenance import provenance
+from pretrain.provenance import OUTPUT_FIELDS, provenance
 
 
 @dataclass
@@ -68,10 +68,6 @@ class FinetuneConfig(TransferConfig):
     channels_last: bool = field(True, "NHWC memory layout (faster convolutions with oneDNN and cuDNN)")
     workers: int = field(2, "data loader processes")
     strict_images: bool = field(False, "stop at the first unreadable image instead of skipping it")
-
-
-# Fields that say where outputs go or how fast they are made, not what is computed: left out of the config hash.
-OUTPUT_FIELDS = ("out", "workers", "device", "threads", "num_predictions", "vis_images", "gallery")
 
 
 @dataclass
