@@ -1,6 +1,7 @@
 """Pretrain a context encoder: `python -m pretrain [--flag value ...]` (`--help` lists every option).
 
 Writes `runs/<name>/`: config.json, checkpoint-*.pth, metrics.csv, samples/*.png, eval.json.
+`--objective supervised` trains the same trunk on image labels instead (the positive control; no samples/).
 """
 from __future__ import annotations
 
@@ -29,13 +30,14 @@ from pretrain.checkpoint import (
     save_checkpoint,
 )
 from pretrain.config import field, parse_config
-from pretrain.data import open_pretraining_images, skip_none_collate
+from pretrain.data import open_labelled_images, open_pretraining_images, skip_none_collate
 from pretrain.dataset import InpaintingDataset, StreamSampler
 from pretrain.distributed import all_reduce_mean, init_distributed, is_main_process
 from pretrain.engine import evaluate, save_sample_grid, train_step
 from pretrain.inpaint128 import build_inpaint128
 from pretrain.masks import MASK_TYPES, shapes_from_segmentations
 from pretrain.models import ContextEncoder, Discriminator, build_encoder
+from pretrain.supervised import LabelledCropDataset, SupervisedClassifier, evaluate_classifier, supervised_train_step
 
 
 @dataclass
@@ -43,6 +45,12 @@ class PretrainConfig:
     """Every option of a pretraining run; written to runs/<name>/config.json."""
 
     name: str = field("default", "run name: outputs go to <output_dir>/<name>/")
+    objective: str = field("inpainting", "inpainting: the context encoder; supervised: the same trunk + fc6/fc7 (4096, "
+                                         "ReLU, dropout) + a linear head, trained with binary cross-entropy on image "
+                                         "labels (the positive control). Supervised data: 'builtin' is a second "
+                                         "generated set with no image in common with the evaluation set; a VOC root "
+                                         "gives its classification labels; an image folder, its subfolder names",
+                           choices=("inpainting", "supervised"))
     output_dir: str = field("runs", "parent folder of run folders")
     data: str = field("builtin", "'builtin' (generated VOC-layout scenes), a VOC root, or a folder of images")
     data_cache: str = field("", "where the built-in data is generated (default: $CTXENC_DATA_CACHE or ~/.cache/ctxenc)")
@@ -85,7 +93,13 @@ class PretrainConfig:
 
 
 def build_models(cfg: PretrainConfig) -> tuple[nn.Module, nn.Module | None]:
-    """The generator and, when the adversarial loss is on, its discriminator."""
+    """The generator and, when the adversarial loss is on, its discriminator; for the supervised objective, the
+    classifier (no discriminator)."""
+    if cfg.objective == "supervised":
+        if cfg.model != "alexnet":
+            raise ValueError(f"--objective supervised trains --model alexnet's trunk, not {cfg.model}")
+        classes = open_labelled_images(cfg.data, cfg.data_cache or None, cfg.builtin_images).classes
+        return SupervisedClassifier(build_encoder(cfg.encoder), classes, cfg.crop_size, cfg.dropout), None
     if cfg.model == "inpaint128":
         generator, discriminator = build_inpaint128()
     else:
@@ -111,15 +125,10 @@ def lr_at(cfg: PretrainConfig, step: int) -> float:
 
 
 def build_data(cfg: PretrainConfig, rank: int, world_size: int, start_step: int):
-    train_images, val_images, label_maps = open_pretraining_images(
-        cfg.data, cache_dir=cfg.data_cache or None, builtin_images=cfg.builtin_images, strict=cfg.strict_images)
-    crop, mask, fraction = effective_masking(cfg)
-    # Random regions take object silhouettes from the data's own masks when it has them (paper: VOC shapes).
-    shapes = shapes_from_segmentations(label_maps) if mask == "random_region" and label_maps else None
-    common = {"crop_size": crop, "resize": max(cfg.resize, crop), "mask": mask, "fraction": fraction, "seed": cfg.seed,
-              "shapes": shapes}
-    train_set = InpaintingDataset(train_images, train=True, **common)
-    val_set = InpaintingDataset(val_images, train=False, **common)
+    if cfg.objective == "supervised":
+        train_set, val_set = _labelled_sets(cfg)
+    else:
+        train_set, val_set = _inpainting_sets(cfg)
     if cfg.eval_images and len(val_set) > cfg.eval_images:
         val_set = torch.utils.data.Subset(val_set, range(cfg.eval_images))
     per_rank = cfg.batch_size // world_size
@@ -133,6 +142,25 @@ def build_data(cfg: PretrainConfig, rank: int, world_size: int, start_step: int)
     val_loader = DataLoader(val_set, batch_size=min(64, per_rank), shuffle=False, num_workers=0,
                             collate_fn=skip_none_collate)
     return train_loader, val_loader, len(train_set), len(val_set)
+
+
+def _labelled_sets(cfg: PretrainConfig) -> tuple[LabelledCropDataset, LabelledCropDataset]:
+    labelled = open_labelled_images(cfg.data, cache_dir=cfg.data_cache or None, builtin_images=cfg.builtin_images,
+                                    strict=cfg.strict_images)
+    common = {"crop_size": cfg.crop_size, "resize": max(cfg.resize, cfg.crop_size), "seed": cfg.seed}
+    return (LabelledCropDataset(labelled.train, train=True, **common),
+            LabelledCropDataset(labelled.held_out, train=False, **common))
+
+
+def _inpainting_sets(cfg: PretrainConfig) -> tuple[InpaintingDataset, InpaintingDataset]:
+    train_images, val_images, label_maps = open_pretraining_images(
+        cfg.data, cache_dir=cfg.data_cache or None, builtin_images=cfg.builtin_images, strict=cfg.strict_images)
+    crop, mask, fraction = effective_masking(cfg)
+    # Random regions take object silhouettes from the data's own masks when it has them (paper: VOC shapes).
+    shapes = shapes_from_segmentations(label_maps) if mask == "random_region" and label_maps else None
+    common = {"crop_size": crop, "resize": max(cfg.resize, crop), "mask": mask, "fraction": fraction, "seed": cfg.seed,
+              "shapes": shapes}
+    return InpaintingDataset(train_images, train=True, **common), InpaintingDataset(val_images, train=False, **common)
 
 
 def main(cfg: PretrainConfig) -> dict[str, float]:
@@ -198,10 +226,12 @@ def main(cfg: PretrainConfig) -> dict[str, float]:
             disc = nn.parallel.DistributedDataParallel(disc, device_ids=[device.index] if device.type == "cuda" else None)
     if main_proc:
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        print(f"pretraining {cfg.model}/{cfg.encoder} on {cfg.data}: {n_train} train / {n_val} held-out images, "
+        print(f"pretraining {cfg.model}/{cfg.encoder} ({cfg.objective}) on {cfg.data}: {n_train} train / {n_val} held-out "
+              f"images, "
               f"{cfg.steps} steps of {cfg.batch_size}, device {device}, amp {cfg.amp}, {world_size} process(es)")
     metrics_path = run_dir / "metrics.csv"
-    fields = ["step", "loss", "loss_rec", "loss_adv", "loss_d", "images_per_s", "skipped_images"]
+    loss_fields = ["loss"] if cfg.objective == "supervised" else ["loss", "loss_rec", "loss_adv", "loss_d"]
+    fields = ["step", *loss_fields, "images_per_s", "skipped_images"]
     if main_proc:
         _truncate_metrics(metrics_path, fields, start_step)
 
@@ -237,8 +267,11 @@ def main(cfg: PretrainConfig) -> dict[str, float]:
         if cfg.channels_last:
             batch["input"] = batch["input"].contiguous(memory_format=torch.channels_last)
         try:
-            losses = train_step(ddp_model, disc, batch, opt_g, opt_d, scaler, cfg.lambda_rec, cfg.lambda_adv,
-                                cfg.overlap, cfg.overlap_weight, cfg.amp, device)
+            if cfg.objective == "supervised":
+                losses = supervised_train_step(ddp_model, batch, opt_g, scaler, cfg.amp, device)
+            else:
+                losses = train_step(ddp_model, disc, batch, opt_g, opt_d, scaler, cfg.lambda_rec, cfg.lambda_adv,
+                                    cfg.overlap, cfg.overlap_weight, cfg.amp, device)
         except FloatingPointError as err:
             kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
             raise FloatingPointError(f"step {step + 1}: {err}. Stopping; {kept}. Lower --lr or use --amp none.") from err
@@ -247,7 +280,7 @@ def main(cfg: PretrainConfig) -> dict[str, float]:
         done = step + 1
         if done % cfg.log_every == 0 or done == end_step:
             rate = window_images / (time.perf_counter() - window_start)
-            row = {k: all_reduce_mean(float(np.mean([w[k] for w in window_losses])), device) for k in fields[1:5]}
+            row = {k: all_reduce_mean(float(np.mean([w[k] for w in window_losses])), device) for k in loss_fields}
             row.update(step=done, images_per_s=round(rate, 1), skipped_images=skipped)
             if main_proc:
                 _append_csv(metrics_path, fields, row)
@@ -260,7 +293,13 @@ def main(cfg: PretrainConfig) -> dict[str, float]:
         print(f"nothing to train: the run is already at step {start_step} of {cfg.steps} (raise --steps to go on)")
 
     results: dict[str, float] = {}
-    if main_proc:
+    if main_proc and cfg.objective == "supervised":
+        results = evaluate_classifier(model, val_loader, device, cfg.amp)
+        results.update(step=max(start_step, end_step), train_minutes=(time.time() - start) / 60, skipped_images=skipped)
+        (run_dir / "eval.json").write_text(json.dumps(results, indent=2))
+        print(f"held-out ({results['images']} images): mAP {100 * results['map']:.1f}% "
+              f"(chance {100 * results['chance_map']:.1f}%), loss {results['loss']:.3f}")
+    elif main_proc:
         results = evaluate(model, val_loader, device, cfg.amp)
         results.update(step=max(start_step, end_step), train_minutes=(time.time() - start) / 60, skipped_images=skipped)
         (run_dir / "eval.json").write_text(json.dumps(results, indent=2))
@@ -271,6 +310,7 @@ def main(cfg: PretrainConfig) -> dict[str, float]:
               f"L1 {100 * results['l1']:.2f}%  L2 {100 * results['l2']:.2f}%  PSNR {results['psnr']:.2f} dB | "
               f"mean-colour fill: L1 {100 * results['mean_fill_l1']:.2f}%  L2 {100 * results['mean_fill_l2']:.2f}%  "
               f"PSNR {results['mean_fill_psnr']:.2f} dB")
+    if main_proc:
         if skipped:
             print(f"{skipped} unreadable image(s) were skipped (see the warnings above; --strict-images makes them fatal)")
         print(f"outputs in {run_dir}/")
