@@ -1,6 +1,7 @@
 """Pretrain a context encoder: `python -m pretrain [--flag value ...]` (`--help` lists every option).
 
 Writes `runs/<name>/`: config.json, checkpoint-*.pth, metrics.csv, samples/*.png, eval.json.
+`--objective supervised` trains the same trunk on image labels instead (the positive control; no samples/).
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ from pretrain.checkpoint import (
     save_checkpoint,
 )
 from pretrain.config import field
-from pretrain.data import check_images_readable, image_paths, open_pretraining_images, skip_none_collate
+from pretrain.data import (check_images_readable, image_paths, open_labelled_images, open_pretraining_images,
+                           skip_none_collate)
 from pretrain.dataset import InpaintingDataset, StreamSampler
 from pretrain.distributed import all_reduce_mean, broadcast_from_main, init_distributed, is_main_process
 from pretrain.engine import evaluate, save_sample_grid, train_step
@@ -38,8 +40,9 @@ from pretrain.errors import UserError, run_cli
 from pretrain.health import context_encoder_health, format_health
 from pretrain.hub import build_generator
 from pretrain.masks import MASK_TYPES, shapes_from_segmentations
-from pretrain.models import Discriminator
+from pretrain.models import Discriminator, build_encoder
 from pretrain.run_folder import claim_run_folder, config_changes
+from pretrain.supervised import LabelledCropDataset, SupervisedClassifier, evaluate_classifier, supervised_train_step
 
 
 @dataclass
@@ -47,6 +50,12 @@ class PretrainConfig:
     """Every option of a pretraining run; written to runs/<name>/config.json."""
 
     name: str = field("default", "run name: outputs go to <output_dir>/<name>/")
+    objective: str = field("inpainting", "inpainting: the context encoder; supervised: the same trunk + fc6/fc7 (4096, "
+                                         "ReLU, dropout) + a linear head, trained with binary cross-entropy on image "
+                                         "labels (the positive control). Supervised data: 'builtin' is a second "
+                                         "generated set with no image in common with the evaluation set; a VOC root "
+                                         "gives its classification labels; an image folder, its subfolder names",
+                           choices=("inpainting", "supervised"))
     output_dir: str = field("runs", "parent folder of run folders")
     data: str = field("builtin", "'builtin' (generated VOC-layout scenes), a VOC root, or a folder of images")
     data_cache: str = field("", "where the built-in data is generated (default: $CTXENC_DATA_CACHE or ~/.cache/ctxenc)")
@@ -61,6 +70,8 @@ class PretrainConfig:
     lambda_rec: float = field(0.999, "weight of the reconstruction loss")
     lambda_adv: float = field(0.001, "weight of the adversarial loss (0: reconstruction only, no discriminator)")
     lr: float = field(1e-3, "Adam learning rate of the generator (the context encoder)")
+    supervised_lr: float = field(1e-4, "Adam learning rate of --objective supervised (--lr is the context "
+                                       "encoder's)")
     lr_d_ratio: float = field(0.1, "discriminator lr = lr x this (paper: generator 10x the discriminator)")
     lr_schedule: str = field("constant", "constant (the paper's) or cosine (both lrs decay to 0 over --steps)",
                              choices=("constant", "cosine"))
@@ -107,7 +118,11 @@ class TrainingDivergedError(UserError, FloatingPointError):
 
 
 def build_models(cfg: PretrainConfig) -> tuple[nn.Module, nn.Module | None]:
-    """The generator and, when the adversarial loss is on, its discriminator."""
+    """The generator and, when the adversarial loss is on, its discriminator; for the supervised objective, the
+    classifier (no discriminator)."""
+    if cfg.objective == "supervised":
+        classes = open_labelled_images(cfg.data, cfg.data_cache or None, cfg.builtin_images).classes
+        return SupervisedClassifier(build_encoder(cfg.encoder), classes, cfg.crop_size, cfg.dropout), None
     generator = build_generator(dataclasses.asdict(cfg))  # the one builder checkpoints are loaded back with
     # built even when unused (lambda_adv 0): the RNG stream after it, hence dropout masks, does not depend on lambda_adv
     if cfg.model == "inpaint128":
@@ -126,29 +141,19 @@ def effective_masking(cfg: PretrainConfig) -> tuple[int, str, float]:
 
 
 def lr_at(cfg: PretrainConfig, step: int) -> float:
-    """The generator's learning rate for optimiser step `step` (0-based): a pure function of the step, so a
-    resumed run follows the same schedule."""
+    """The learning rate of the generator (or, for the supervised objective, the classifier) for optimiser step
+    `step` (0-based): a pure function of the step, so a resumed run follows the same schedule."""
+    base = cfg.supervised_lr if cfg.objective == "supervised" else cfg.lr
     if cfg.lr_schedule == "constant" or cfg.steps <= 0:
-        return cfg.lr
-    return 0.5 * cfg.lr * (1 + math.cos(math.pi * step / cfg.steps))
+        return base
+    return 0.5 * base * (1 + math.cos(math.pi * step / cfg.steps))
 
 
 def build_data(cfg: PretrainConfig, rank: int, world_size: int, start_step: int):
-    train_images, val_images, label_maps = open_pretraining_images(
-        cfg.data, cache_dir=cfg.data_cache or None, builtin_images=cfg.builtin_images, strict=cfg.strict_images)
-    n_eval = min(cfg.eval_images, len(val_images)) if cfg.eval_images else len(val_images)
-    # Training skips an unreadable image and counts it; evaluation may not: every evaluation of a run (and of
-    # the runs it is compared with) must score the same images.
-    check_images_readable(image_paths(val_images)[:n_eval], "held-out images",
-                          "re-encode or replace them, or remove them from the held-out split (the val list of a "
-                          "VOC root; for an image folder, every 20th file); held-out images are never skipped.")
-    crop, mask, fraction = effective_masking(cfg)
-    # Random regions take object silhouettes from the data's own masks when it has them (paper: VOC shapes).
-    shapes = shapes_from_segmentations(label_maps) if mask == "random_region" and label_maps else None
-    common = {"crop_size": crop, "resize": max(cfg.resize, crop), "mask": mask, "fraction": fraction, "seed": cfg.seed,
-              "shapes": shapes}
-    train_set = InpaintingDataset(train_images, train=True, **common)
-    val_set = InpaintingDataset(val_images, train=False, **common)
+    if cfg.objective == "supervised":
+        train_set, val_set = _labelled_sets(cfg)
+    else:
+        train_set, val_set = _inpainting_sets(cfg)
     if cfg.eval_images and len(val_set) > cfg.eval_images:
         val_set = torch.utils.data.Subset(val_set, range(cfg.eval_images))
     per_rank = cfg.batch_size // world_size
@@ -164,6 +169,36 @@ def build_data(cfg: PretrainConfig, rank: int, world_size: int, start_step: int)
     return train_loader, val_loader, len(train_set), len(val_set)
 
 
+def _labelled_sets(cfg: PretrainConfig) -> tuple[LabelledCropDataset, LabelledCropDataset]:
+    labelled = open_labelled_images(cfg.data, cache_dir=cfg.data_cache or None, builtin_images=cfg.builtin_images,
+                                    strict=cfg.strict_images)
+    _check_held_out(cfg, labelled.held_out)
+    common = {"crop_size": cfg.crop_size, "resize": max(cfg.resize, cfg.crop_size), "seed": cfg.seed}
+    return (LabelledCropDataset(labelled.train, train=True, **common),
+            LabelledCropDataset(labelled.held_out, train=False, **common))
+
+
+def _check_held_out(cfg: PretrainConfig, val_images) -> None:
+    """Training skips an unreadable image and counts it; evaluation may not: every evaluation of a run (and of
+    the runs it is compared with) must score the same images."""
+    n_eval = min(cfg.eval_images, len(val_images)) if cfg.eval_images else len(val_images)
+    check_images_readable(image_paths(val_images)[:n_eval], "held-out images",
+                          "re-encode or replace them, or remove them from the held-out split (the val list of a "
+                          "VOC root; for an image folder, every 20th file); held-out images are never skipped.")
+
+
+def _inpainting_sets(cfg: PretrainConfig) -> tuple[InpaintingDataset, InpaintingDataset]:
+    train_images, val_images, label_maps = open_pretraining_images(
+        cfg.data, cache_dir=cfg.data_cache or None, builtin_images=cfg.builtin_images, strict=cfg.strict_images)
+    _check_held_out(cfg, val_images)
+    crop, mask, fraction = effective_masking(cfg)
+    # Random regions take object silhouettes from the data's own masks when it has them (paper: VOC shapes).
+    shapes = shapes_from_segmentations(label_maps) if mask == "random_region" and label_maps else None
+    common = {"crop_size": crop, "resize": max(cfg.resize, crop), "mask": mask, "fraction": fraction, "seed": cfg.seed,
+              "shapes": shapes}
+    return InpaintingDataset(train_images, train=True, **common), InpaintingDataset(val_images, train=False, **common)
+
+
 def main(cfg: PretrainConfig) -> dict[str, float]:
     if cfg.batch_size <= 0 or cfg.steps < 0:
         raise UserError("--batch-size must be positive and --steps non-negative")
@@ -173,6 +208,9 @@ def main(cfg: PretrainConfig) -> dict[str, float]:
         device = torch.device(cfg.device)  # a type change only: under torchrun each rank keeps its own GPU index
     if cfg.batch_size % world_size:
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {world_size} processes")
+    if cfg.objective == "supervised" and cfg.model != "alexnet":
+        raise UserError(f"--objective supervised trains --model alexnet's trunk, not {cfg.model}; "
+                        f"drop --model or pass --model alexnet")
     if cfg.amp == "fp16" and device.type != "cuda":
         raise UserError("--amp fp16 needs CUDA; on a CPU use --amp bf16 or none")
     run_dir = Path(cfg.output_dir) / cfg.name
@@ -285,10 +323,11 @@ def _train(cfg: PretrainConfig, run_dir: Path, rank: int, world_size: int, devic
             disc = nn.parallel.DistributedDataParallel(disc, device_ids=[device.index] if device.type == "cuda" else None)
     if main_proc:
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        print(f"pretraining {cfg.model}/{cfg.encoder} on {cfg.data}: {n_train} train / {n_val} held-out images, "
-              f"{cfg.steps} steps of {cfg.batch_size}, device {device}, amp {cfg.amp}, {world_size} process(es)")
+        print(f"pretraining {cfg.model}/{cfg.encoder} ({cfg.objective}) on {cfg.data}: {n_train} train / {n_val} "
+              f"held-out images, {cfg.steps} steps of {cfg.batch_size}, device {device}, amp {cfg.amp}, {world_size} process(es)")
     metrics_path = run_dir / "metrics.csv"
-    fields = ["step", "loss", "loss_rec", "loss_adv", "loss_d", "images_per_s", "skipped_images"]
+    loss_fields = ["loss"] if cfg.objective == "supervised" else ["loss", "loss_rec", "loss_adv", "loss_d"]
+    fields = ["step", *loss_fields, "images_per_s", "skipped_images"]
     if main_proc:
         _truncate_metrics(metrics_path, fields, start_step)
 
@@ -324,8 +363,11 @@ def _train(cfg: PretrainConfig, run_dir: Path, rank: int, world_size: int, devic
             if cfg.channels_last:
                 batch["input"] = batch["input"].contiguous(memory_format=torch.channels_last)
             try:
-                losses = train_step(ddp_model, disc, batch, opt_g, opt_d, scaler, cfg.lambda_rec, cfg.lambda_adv,
-                                    cfg.overlap, cfg.overlap_weight, cfg.amp, device)
+                if cfg.objective == "supervised":
+                    losses = supervised_train_step(ddp_model, batch, opt_g, scaler, cfg.amp, device)
+                else:
+                    losses = train_step(ddp_model, disc, batch, opt_g, opt_d, scaler, cfg.lambda_rec, cfg.lambda_adv,
+                                        cfg.overlap, cfg.overlap_weight, cfg.amp, device)
             except FloatingPointError as err:
                 raise _diverged(f"step {step + 1}: {err}", last_good) from err
             window_images += batch["input"].shape[0] * world_size
@@ -333,7 +375,7 @@ def _train(cfg: PretrainConfig, run_dir: Path, rank: int, world_size: int, devic
             done = step + 1
             if done % cfg.log_every == 0 or done == end_step:
                 rate = window_images / (time.perf_counter() - window_start)
-                row = {k: all_reduce_mean(float(np.mean([w[k] for w in window_losses])), device) for k in fields[1:5]}
+                row = {k: all_reduce_mean(float(np.mean([w[k] for w in window_losses])), device) for k in loss_fields}
                 row.update(step=done, images_per_s=round(rate, 1), skipped_images=skipped)
                 if main_proc:
                     _append_csv(metrics_path, fields, row)
@@ -354,7 +396,16 @@ def _train(cfg: PretrainConfig, run_dir: Path, rank: int, world_size: int, devic
         print(f"nothing to train: the run is already at step {start_step} of {cfg.steps} (raise --steps to go on)")
 
     results: dict[str, float] = {}
-    if main_proc:
+    if main_proc and cfg.objective == "supervised":
+        results = evaluate_classifier(model, val_loader, device, cfg.amp)
+        results.update(step=max(start_step, end_step), train_minutes=(time.time() - start) / 60, skipped_images=skipped)
+        held_out = next(b for b, _ in val_loader if b is not None)
+        health = context_encoder_health(model, held_out["input"].to(device), seed=cfg.seed)
+        (run_dir / "eval.json").write_text(json.dumps({**results, "feature_health": health}, indent=2))
+        print(f"held-out ({results['images']} images): mAP {100 * results['map']:.1f}% "
+              f"(chance {100 * results['chance_map']:.1f}%), loss {results['loss']:.3f}")
+        print(format_health(health))
+    elif main_proc:
         results = evaluate(model, val_loader, device, cfg.amp)
         results.update(step=max(start_step, end_step), train_minutes=(time.time() - start) / 60, skipped_images=skipped)
         overflowed = [k for k, v in results.items() if isinstance(v, float) and not math.isfinite(v)]
@@ -372,6 +423,7 @@ def _train(cfg: PretrainConfig, run_dir: Path, rank: int, world_size: int, devic
               f"mean-colour fill: L1 {100 * results['mean_fill_l1']:.2f}%  L2 {100 * results['mean_fill_l2']:.2f}%  "
               f"PSNR {results['mean_fill_psnr']:.2f} dB")
         print(format_health(health) if health else f"feature health: AlexNet trunks only, skipped for {cfg.model}/{cfg.encoder}")
+    if main_proc:
         if skipped:
             print(f"{skipped} unreadable image(s) were skipped (see the warnings above; --strict-images makes them fatal)")
         print(f"outputs in {run_dir}/")

@@ -103,3 +103,5 @@ def test_cosine_schedule_decays_from_lr_to_zero_and_constant_stays():
     assert lrs[0] == pytest.approx(1e-3) and lrs[50] == pytest.approx(5e-4) and 0 < lrs[-1] < 1e-6
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
     assert lr_at(PretrainConfig(lr=1e-3, steps=100, lr_schedule="constant"), 99) == 1e-3
+    supervised = PretrainConfig(objective="supervised", lr=1e-3, supervised_lr=2e-4, steps=100, lr_schedule="cosine")
+    assert lr_at(supervised, 0) == pytest.approx(2e-4) and lr_at(supervised, 50) == pytest.approx(1e-4)

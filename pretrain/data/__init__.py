@@ -5,6 +5,7 @@ boxes, masks); `synthetic` generates the built-in VOC-layout dataset every comma
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,18 +17,20 @@ from pretrain.data.images import (
     DatasetFormatError,
     DatasetNotFoundError,
     ImageFolderDataset,
+    LabelledImageFolder,
     UnreadableImageError,
     check_images_readable,
     list_images,
     load_rgb,
     skip_none_collate,
 )
-from pretrain.data.synthetic import builtin_voc_root
+from pretrain.data.synthetic import builtin_pretraining_root, builtin_voc_root
 from pretrain.data.voc import VOCDataset, VOCInfo, find_year_dir, read_voc_info, validate_voc_split
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DatasetFormatError", "DatasetNotFoundError", "ImageFolderDataset",
-           "UnreadableImageError", "VOCDataset", "VOCInfo", "builtin_voc_root", "check_images_readable",
-           "find_year_dir", "image_paths", "list_images", "load_rgb", "open_pretraining_images", "read_voc_info",
+           "LabelledImageFolder", "LabelledImages", "UnreadableImageError", "VOCDataset", "VOCInfo",
+           "builtin_pretraining_root", "builtin_voc_root", "check_images_readable", "find_year_dir", "image_paths",
+           "list_images", "load_rgb", "open_labelled_images", "open_pretraining_images", "read_voc_info",
            "resolve_voc_root", "skip_none_collate", "validate_voc_split"]
 
 
@@ -92,3 +95,38 @@ def open_pretraining_images(data: str, cache_dir: str | Path | None = None, buil
     held_out = list(range(0, n, 20))
     train_idx = [i for i in range(n) if i % 20]
     return Subset(images, train_idx), Subset(images, held_out), []
+
+
+@dataclass
+class LabelledImages:
+    """Images with multi-hot labels for supervised pretraining: items of `train` and `held_out` are
+    `(PIL RGB image, float32 (C,) labels)` or None (a skipped unreadable file); `classes` names the C labels."""
+
+    train: Dataset
+    held_out: Dataset
+    classes: tuple[str, ...]
+
+
+def open_labelled_images(data: str, cache_dir: str | Path | None = None, builtin_images: int = 2000,
+                         strict: bool = False) -> LabelledImages:
+    """Labelled training and held-out images for supervised pretraining.
+
+    `builtin`: the built-in *pretraining* set (`builtin_pretraining_root`: the evaluation set's generator and
+    classes from another seed, no image file in common with it), its train and val splits. A VOC root: its
+    train and val splits with the classification labels. A folder of class subfolders (ImageFolder): each
+    image labelled with its folder, every 20th file held out.
+    """
+    if data == "builtin":
+        root = builtin_pretraining_root(cache_dir=Path(cache_dir) if cache_dir else None, num_images=builtin_images)
+    else:
+        root = Path(data).expanduser()
+    if not root.exists():
+        raise DatasetNotFoundError(root, "'builtin', a VOC root, or a folder of class subfolders of images")
+    if data == "builtin" or _is_voc(root):
+        train = VOCDataset(root, split="train", task="classification", strict=strict)
+        held_out = VOCDataset(root, split="val", task="classification", strict=strict)
+        return LabelledImages(train, held_out, tuple(train.classes))
+    images = LabelledImageFolder(root, strict=strict)
+    n = len(images)
+    return LabelledImages(Subset(images, [i for i in range(n) if i % 20]), Subset(images, list(range(0, n, 20))),
+                          tuple(images.classes))

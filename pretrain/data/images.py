@@ -188,6 +188,31 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return self.transform(img) if self.transform is not None else img
 
 
+class LabelledImageFolder(ImageFolderDataset):
+    """An ImageFolder tree (`root/<class>/<img>`) with each image's folder as its label: items are
+    `(PIL RGB image, float32 (C,) multi-hot with the one class set)`, or None for a skipped unreadable file.
+
+    Every image must sit in a class subfolder; `classes` are their sorted names.
+    """
+
+    def __init__(self, root: str | Path, strict: bool = False, min_size: int = 16):
+        super().__init__(root, strict=strict, min_size=min_size)
+        loose = [f for f, t in zip(self.files, self.targets) if t < 0]
+        if loose or not self.classes:
+            where = f"e.g. {loose[0]}" if loose else "none has a class subfolder"
+            raise DatasetNotFoundError(self.root, f"every image in a class subfolder (<root>/<class>/<image>) for labels; "
+                                                  f"{len(loose) or len(self.files)} image(s) are not ({where}). "
+                                                  f"Fix: move each image into the folder of its class")
+
+    def __getitem__(self, i: int) -> Any:
+        img = load_rgb_or_skip(self.files[i], self.min_size, self.strict)
+        if img is None:
+            return None
+        target = torch.zeros(len(self.classes), dtype=torch.float32)  # (C,)
+        target[self.targets[i]] = 1.0
+        return img, target
+
+
 def load_rgb_or_skip(path: str | Path, min_size: int = 16, strict: bool = False) -> Image.Image | None:
     """`load_rgb`, but an unreadable file gives a warning naming it and None (for `skip_none_collate` to
     count) unless `strict`, when the error propagates: a long job goes on, a strict one stops at once."""

@@ -1,0 +1,115 @@
+"""Supervised pretraining (`--objective supervised`), the positive control: it learns labels from pixels, never
+trains on an evaluation image, and its checkpoint is a trunk every transfer task can load."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import default_collate
+
+from pretrain.checkpoint import list_checkpoints
+from pretrain.data import DatasetNotFoundError, LabelledImageFolder, open_labelled_images
+from pretrain.data.synthetic import SYNTHETIC_CLASSES, builtin_voc_root, image_hashes
+from pretrain.errors import UserError
+from pretrain.main_pretrain import PretrainConfig, main
+from pretrain.models import build_encoder
+from pretrain.supervised import LabelledCropDataset, SupervisedClassifier, multilabel_loss, supervised_train_step
+from transfer.trunk import build_trunk
+
+BUILTIN_IMAGES = 40
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def _cfg(tmp_path, data, **kw):
+    base = dict(output_dir=str(tmp_path), data=str(data), objective="supervised", batch_size=4, workers=0,
+                eval_images=0, amp="none", channels_last=False, log_every=1, ckpt_every=2)
+    base.update(kw)
+    return PretrainConfig(**base)
+
+
+def _losses(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        return [float(r["loss"]) for r in csv.DictReader(f)]
+
+
+def test_loss_is_bce_summed_over_classes_and_averaged_over_images():
+    logits = torch.tensor([[0.0, 2.0], [-1.0, 0.5]])  # (B=2, C=2)
+    labels = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    per_entry = [np.log(2), np.log(1 + np.exp(2)), np.log(1 + np.exp(-1)), np.log(1 + np.exp(-0.5))]
+    expected = (per_entry[0] + per_entry[1] + per_entry[2] + per_entry[3]) / 2
+    assert multilabel_loss(logits, labels).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_fits_built_in_labels_below_the_best_constant_guess(cache):
+    """On 8 built-in images the loss must fall far below that of the best image-independent prediction (each
+    class's frequency on the batch): falling to that level learns only the class prior, below it the labels come
+    from the pixels. Small crops (99 px: pool5 is 2x2) keep it fast; the layers are the same."""
+    images = open_labelled_images("builtin", cache, BUILTIN_IMAGES).train
+    data = LabelledCropDataset(images, crop_size=99, resize=111, train=False)
+    batch = default_collate([data[i] for i in range(8)])  # input (8, 3, 99, 99), labels (8, C)
+    p = batch["labels"].mean(0).clamp(1e-6, 1 - 1e-6)  # (C,)
+    prior_loss = -(p * p.log() + (1 - p) * (1 - p).log()).sum().item()
+    torch.manual_seed(0)
+    model = SupervisedClassifier(build_encoder("alexnet"), SYNTHETIC_CLASSES, input_size=99, dropout=0.0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    losses = [supervised_train_step(model, batch, optimizer, scaler, "none", torch.device("cpu"))["loss"]
+              for _ in range(20)]
+    assert losses[0] > prior_loss and min(losses[-3:]) < 0.5 * prior_loss, (prior_loss, losses)
+
+
+def test_built_in_training_data_never_includes_an_evaluation_image(cache):
+    labelled = open_labelled_images("builtin", cache, BUILTIN_IMAGES)
+    assert labelled.classes == SYNTHETIC_CLASSES
+    evaluation = image_hashes(builtin_voc_root(cache, BUILTIN_IMAGES))  # every split of the evaluation set
+    used = [ds.image_path(i) for ds in (labelled.train, labelled.held_out) for i in range(len(ds))]
+    assert len(used) == round(0.8 * BUILTIN_IMAGES)  # its train and val splits
+    trained_on = {hashlib.sha256(path.read_bytes()).hexdigest() for path in used}
+    assert len(trained_on) == len(used) and trained_on.isdisjoint(evaluation)
+
+
+def test_run_trains_resumes_and_its_checkpoint_is_a_trunk(tmp_path, tiny_voc):
+    main(_cfg(tmp_path, tiny_voc, name="straight", steps=4))
+    main(_cfg(tmp_path, tiny_voc, name="resumed", steps=4, stop_at=2))
+    main(_cfg(tmp_path, tiny_voc, name="resumed", steps=4, resume=True))
+    straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+    assert len(straight) == 4 and straight == pytest.approx(resumed, rel=1e-6, abs=1e-7)
+
+    run = tmp_path / "straight"
+    ev = json.loads((run / "eval.json").read_text())
+    assert set(ev["ap"]) <= {"circle", "square", "triangle"} and 0 <= ev["map"] <= 1 and 0 < ev["chance_map"] < 1
+    assert ev["images"] == 2 and not (run / "samples").exists()
+    ckpt = torch.load(list_checkpoints(run)[-1], weights_only=False)
+    assert ckpt["config"]["objective"] == "supervised" and ckpt["model"]["head.weight"].shape == (3, 4096)
+    trunk, info = build_trunk(str(run))
+    assert info["step"] == 4
+    for key, value in trunk.state_dict().items():
+        assert torch.equal(value, ckpt["model"][f"encoder.{key}"]), key
+    assert not torch.equal(trunk.conv1.weight, build_trunk("random")[0].conv1.weight)
+
+
+def test_image_folder_labels_are_the_subfolders(tmp_path, tiny_voc):
+    jpegs = sorted((tiny_voc / "VOC2007" / "JPEGImages").glob("*.jpg"))
+    for i, path in enumerate(jpegs):
+        (tmp_path / "tree" / ("cat" if i % 2 else "dog")).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "tree" / ("cat" if i % 2 else "dog") / path.name).write_bytes(path.read_bytes())
+    labelled = open_labelled_images(str(tmp_path / "tree"))
+    assert labelled.classes == ("cat", "dog") and len(labelled.train) + len(labelled.held_out) == len(jpegs)
+    image, target = labelled.held_out[0]  # file 0 of the sorted tree: cat/img_001.jpg
+    assert target.tolist() == [1.0, 0.0] and image.size == (64, 48)
+    (tmp_path / "tree" / "loose.jpg").write_bytes(jpegs[0].read_bytes())
+    with pytest.raises(DatasetNotFoundError, match="loose.jpg"):
+        LabelledImageFolder(tmp_path / "tree")
+
+
+def test_supervised_needs_the_alexnet_model(tmp_path, tiny_voc):
+    with pytest.raises(UserError, match="supervised.*inpaint128"):
+        main(_cfg(tmp_path, tiny_voc, name="wrong", steps=1, model="inpaint128"))
