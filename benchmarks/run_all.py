@@ -1,6 +1,7 @@
 """Run every (start x task x seed) comparison and collect pandas tables and plots in results/.
 
-    python benchmarks/run_all.py                       # the full preset on the built-in data
+    python benchmarks/run_all.py                       # the default preset: Table 2's starts, within an hour on 2 cores
+    python benchmarks/run_all.py --preset full         # every variant, 3 seeds
     python benchmarks/run_all.py --quick               # a small preset (< 5 min), used by a test
     python benchmarks/run_all.py --data ../shared/data/camvid-voc --out results/camvid
     python benchmarks/run_all.py --only variants=ce-l2,autoencoder tasks=classify,probe seeds=0
@@ -56,11 +57,12 @@ from transfer import classify, detect, probe, retrieve, segment  # noqa: E402
 
 # Pretraining variants: name -> PretrainConfig overrides (on top of the preset's pretraining budget).
 VARIANTS: dict[str, dict[str, Any]] = {
-    "ce-l2": {"mask": "random_region", "lambda_adv": 0.0},  # the paper's setting for AlexNet features
+    "ce-l2": {"mask": "random_region", "lambda_adv": 0.0},  # the paper's setting for AlexNet features (the default)
     "ce-l2-adv": {"mask": "random_region", "lambda_adv": 0.001},
     "ce-center": {"mask": "center", "lambda_adv": 0.0},
     "ce-poolfree": {"mask": "random_region", "lambda_adv": 0.0, "encoder": "alexnet-poolfree"},
     "autoencoder": {"mask": "none", "lambda_adv": 0.0},
+    "supervised": {"objective": "supervised"},  # the positive control: the same trunk trained on image labels
 }
 # Baselines: name -> the task options that make them. Every start goes through the rescaling protocol
 # (--rescale) except the raw Gaussian row, kept to show what the protocol is worth.
@@ -69,10 +71,12 @@ BASELINES: dict[str, dict[str, Any]] = {
     "random-raw": {"init": "random", "rescale": False},  # "random, no rescaling"
 }
 
-# Per-preset budgets: overrides of each command's config. On 2 CPU cores one "full" cell takes 1-10 min
-# (pretraining ~8, detection ~5, the others ~1); results/summary.md gives the measured minutes per task.
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+# Presets: which variants and how many seeds by default, and each command's config overrides (the recipes).
+# The recipes are the same in "default" and "full"; "full" only adds variants and seeds. results/summary.md gives
+# the measured minutes per task.
+PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
+        "variants": ["ce-l2", "autoencoder", "supervised"], "seeds": 1,
         "data": {"builtin_images": 60},
         "pretrain": {"steps": 3, "batch_size": 8, "workers": 0, "eval_images": 8, "ckpt_every": 3},
         "classify": {"epochs": 1, "batch_size": 16, "fc_width": 128, "ten_crop": False, "workers": 0},
@@ -82,7 +86,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "segment": {"epochs": 1, "batch_size": 8, "fc_width": 64, "crop_size": 128, "workers": 0},
         "retrieve": {"queries": 8, "gallery": 2, "max_images": 40},
     },
-    "full": {  # sized for 2 CPU cores: short schedules, so the comparison between starts is what it measures
+    "default": {  # Table 2's starts: context encoder (paper's recipe), autoencoder, supervised, random with and without
+        "variants": ["ce-l2", "autoencoder", "supervised"], "seeds": 2,
         "data": {},
         "pretrain": {},  # the default `python -m pretrain` budget (380 steps)
         "classify": {"epochs": 3, "fc_width": 1024, "ten_crop": True},
@@ -92,6 +97,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "retrieve": {"queries": 200, "gallery": 12},
     },
 }
+PRESETS["full"] = {**PRESETS["default"], "variants": list(VARIANTS), "seeds": 3}  # the same recipes, every variant
 
 
 # ----------------------------------------------------------------------------------------------- tasks
@@ -549,8 +555,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--data-cache", default="", help="where the built-in data is generated")
     parser.add_argument("--out", default="results", help="folder for tables, plots and cells/ (small files)")
     parser.add_argument("--work", default="", help="folder for checkpoints and task outputs (default runs/benchmark/<out>)")
-    parser.add_argument("--quick", action="store_true", help="small preset (< 5 min), for smoke tests")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per (start, task)")
+    parser.add_argument("--preset", default="default", choices=list(PRESETS),
+                        help="default: the context encoder, autoencoder and supervised starts plus the random baselines, "
+                             "2 seeds; full: every variant, 3 seeds, the same recipes; quick: tiny budgets, for smoke tests")
+    parser.add_argument("--quick", action="store_true", help="the same as --preset quick")
+    parser.add_argument("--seeds", type=int, default=0, help="seeds per (start, task) (default: the preset's)")
     parser.add_argument("--only", nargs="*", default=[], help="variants=.. tasks=.. seeds=.. starts=.. filters")
     parser.add_argument("--torchvision", default="", help="a local torchvision AlexNet state dict: adds that start")
     parser.add_argument("--rerun-failed", action="store_true", help="retry cells stored as errors")
@@ -563,13 +572,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    preset_name = "quick" if args.quick else "full"
+    preset_name = args.preset = "quick" if args.quick else args.preset
+    preset = PRESETS[preset_name]
+    args.seeds = args.seeds or preset["seeds"]
     only = parse_only(args.only)
-    variants = [v for v in VARIANTS if v in only.get("variants", VARIANTS)]
+    unknown = [v for v in only.get("variants", []) if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--only variants={','.join(unknown)}: not a variant; the variants are {', '.join(VARIANTS)}")
+    variants = [v for v in VARIANTS if v in only.get("variants", preset["variants"])]
     tasks = [t for t in TASKS if t in only.get("tasks", TASKS)]
     seeds = [int(s) for s in only.get("seeds", range(args.seeds))]
     work = Path(args.work) if args.work else Path("runs") / "benchmark" / out.name
-    run = {"preset": PRESETS[preset_name], "data": args.data, "data_cache": args.data_cache, "out": out, "work": work}
+    run = {"preset": preset, "data": args.data, "data_cache": args.data_cache, "out": out, "work": work}
     # What each pretraining cell would be now; transfer cells on a pretrained start name it by these hashes.
     pretrain_ids = {v: cell_identity("pretrain", pretrain_config(run, v, 0)) for v in VARIANTS}
 
@@ -627,12 +641,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- summary
-def compute_by_task(cells: list[dict[str, Any]], seeds: int) -> list[str]:
-    """Measured minutes per task, and what a run of every cell from scratch costs at those rates."""
+def compute_by_task(cells: list[dict[str, Any]], seeds: int, n_variants: int) -> list[str]:
+    """Measured minutes per task, and what a run of the preset's cells from scratch costs at those rates."""
     lines = ["## Compute", "", "| task | cells timed | minutes | minutes per cell | cells in a full run | "
              "full run, minutes (estimate) |", "|---|--:|--:|--:|--:|--:|"]
-    n_starts = len(VARIANTS) + len(BASELINES)
-    full_cells = {"pretrain": len(VARIANTS), "retrieve": n_starts + 1}  # retrieval: one seed, plus HOG
+    n_starts = n_variants + len(BASELINES)
+    full_cells = {"pretrain": n_variants, "retrieve": n_starts + 1}  # retrieval: one seed, plus HOG
     total_estimate = 0.0
     for task in ["pretrain", *TASKS]:
         # the median, so a cell that only re-evaluated a reused pretraining run does not skew the rate
@@ -643,7 +657,7 @@ def compute_by_task(cells: list[dict[str, Any]], seeds: int) -> list[str]:
         n_full = full_cells.get(task, n_starts * seeds)
         total_estimate += per_cell * n_full
         lines.append(f"| {task} | {len(secs)} | {sum(secs) / 60:.1f} | {per_cell:.1f} | {n_full} | {per_cell * n_full:.0f} |")
-    lines += ["", f"A run of every cell from scratch ({len(VARIANTS)} variants, {len(BASELINES)} baselines, {seeds} "
+    lines += ["", f"A run of every cell from scratch ({n_variants} variants, {len(BASELINES)} baselines, {seeds} "
               f"seeds) would take about **{total_estimate:.0f} min** on this machine at the median rates above."]
     return lines
 
@@ -691,7 +705,7 @@ def write_summary(out: Path, written: dict[str, Path], cells: list[dict[str, Any
              f"compute adds up to {total:.1f} min:", ""]
     lines += [f"- `{shlex.join(['python', 'benchmarks/run_all.py', *i['argv']])}` (preset `{i['preset']}`, "
               f"{i['minutes']} min, finished {i['finished']})" for i in invocations]
-    lines += ["", *compute_by_task(cells, args.seeds), "", "## Tables", ""]
+    lines += ["", *compute_by_task(cells, args.seeds, len(PRESETS[args.preset]["variants"])), "", "## Tables", ""]
     lines += [f"- [{name}]({p.name}) ([csv]({p.with_suffix('.csv').name}))" for name, p in written.items()]
     if (out / "probes.png").exists():
         lines += ["", "![probes](probes.png)"]
