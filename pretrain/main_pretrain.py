@@ -31,8 +31,7 @@ from pretrain.checkpoint import (
     save_checkpoint,
 )
 from pretrain.config import field
-from pretrain.data import (check_images_readable, image_paths, open_labelled_images, open_pretraining_images,
-                           skip_none_collate)
+from pretrain.data import check_images_readable, image_paths, open_labelled_images, open_pretraining_images, skip_none_collate
 from pretrain.dataset import InpaintingDataset, StreamSampler
 from pretrain.distributed import all_reduce_mean, broadcast_from_main, init_distributed, is_main_process
 from pretrain.engine import evaluate, save_sample_grid, train_step
