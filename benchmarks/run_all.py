@@ -425,6 +425,28 @@ def table_entry(cells: list[dict[str, Any]], task: str, start: str, key: str, sc
     return text + (" (stale)" if any(c["stale"] for c in group) else "")
 
 
+# The positive control: a start known to be good must beat the random (rescaled) start on a measure, or the
+# measure cannot see features and its rows cannot be read.
+CONTROL, CONTROL_AGAINST = "supervised", "random"
+
+
+def control_verdict(cells: list[dict[str, Any]], task: str, key: str) -> str:
+    """Whether `task`'s score `key` tells the supervised start from the random one: "passes" when the supervised
+    mean beats the random mean by more than two standard deviations (the larger of the two starts' sample std
+    over seeds), else "NOT DISCRIMINATING"; "–" while either has fewer than two finished, uncollapsed seeds."""
+    values = {}
+    for start in (CONTROL, CONTROL_AGAINST):
+        group = [c for c in _results(cells, task, start) if not c["stale"]]
+        vals = [100 * c["scores"][key] for c in group if c["status"] == "ok" and key in c["scores"]]
+        if len(vals) < 2 or len(vals) < len(group):
+            return "–"
+        values[start] = vals
+    good, rand = values[CONTROL], values[CONTROL_AGAINST]
+    gap, spread = np.mean(good) - np.mean(rand), max(np.std(good, ddof=1), np.std(rand, ddof=1))
+    verdict = "passes" if gap > 2 * spread else "NOT DISCRIMINATING"
+    return f"{verdict}: {gap:+.1f} (2 std = {2 * spread:.1f})"
+
+
 def build_tables(cells: list[dict[str, Any]], starts: list[str], out: Path, data_label: str) -> dict[str, Path]:
     """results/transfer.*, probes.* (+ png), inpainting.* from the stored cells (each with its "stale" verdict)."""
     written: dict[str, Path] = {}
@@ -433,6 +455,10 @@ def build_tables(cells: list[dict[str, Any]], starts: list[str], out: Path, data
                 "segmentation mIoU": table_entry(cells, "segment", s, "mIoU"),
                 "seeds": max(len(_results(cells, t, s)) for t in ("classify", "detect", "segment"))}
             for s in starts if any(_results(cells, t, s) for t in ("classify", "detect", "segment"))}
+    rows[f"positive control ({CONTROL} - {CONTROL_AGAINST})"] = {
+        "classification mAP (VOC07 11-pt)": control_verdict(cells, "classify", "mAP_11point"),
+        "detection mAP@0.5 (VOC07 11-pt)": control_verdict(cells, "detect", "mAP_11point"),
+        "segmentation mIoU": control_verdict(cells, "segment", "mIoU"), "seeds": "–"}
     for name, cls_, det, seg in PAPER_TABLE2:
         rows[name] = {"classification mAP (VOC07 11-pt)": f"{cls_:.1f}", "detection mAP@0.5 (VOC07 11-pt)": f"{det:.1f}",
                       "segmentation mIoU": f"{seg:.1f}", "seeds": "–"}
@@ -440,7 +466,9 @@ def build_tables(cells: list[dict[str, Any]], starts: list[str], out: Path, data
     transfer_df.index.name = "start"
     _save_table(transfer_df, out / "transfer", f"Transfer (Table 2 layout) on {data_label}",
                 "Mean ± sample std over seeds, in %; \"collapsed\": the task judged a seed's model collapsed (the "
-                "summary names each), \"(stale)\": computed by other code or options than the current ones. Rows "
+                "summary names each), \"(stale)\": computed by other code or options than the current ones. The "
+                "positive-control row says whether each measure tells the supervised start from the random one (by "
+                "more than two standard deviations); a column marked NOT DISCRIMINATING cannot rank the other starts. Rows "
                 "marked [published] are the paper's ImageNet-scale AlexNet numbers on VOC2007/2012, for reference "
                 "only: they are not comparable to this data's scale.")
     written["transfer"] = out / "transfer.md"
@@ -448,11 +476,13 @@ def build_tables(cells: list[dict[str, Any]], starts: list[str], out: Path, data
     layers = ["conv1", "conv2", "conv3", "conv4", "conv5", "pool5"]
     probe_rows = {s: {layer: table_entry(cells, "probe", s, f"{layer}/svm_mAP_11point") for layer in layers}
                   for s in starts if _results(cells, "probe", s)}
+    probe_rows[f"positive control ({CONTROL} - {CONTROL_AGAINST})"] = {
+        layer: control_verdict(cells, "probe", f"{layer}/svm_mAP_11point") for layer in layers}
     probe_df = pd.DataFrame.from_dict(probe_rows, orient="index")
     probe_df.index.name = "start"
     _save_table(probe_df, out / "probes", f"Frozen linear-SVM probes per layer on {data_label}",
                 "VOC07 11-point mAP (%) of per-class linear SVMs on average-pooled frozen features (Goyal et al. 2019 "
-                "settings), mean ± std over seeds.")
+                "settings), mean ± std over seeds. The positive-control row as in transfer.md.")
     written["probes"] = out / "probes.md"
     _plot_probes(cells, starts, layers, out / "probes.png", data_label)
 

@@ -67,7 +67,8 @@ class PretrainConfig:
     overlap: int = field(7, "width in px of the context band around the hole that the loss also scores")
     overlap_weight: float = field(10.0, "L2 weight of that band relative to the hole")
     lambda_rec: float = field(0.999, "weight of the reconstruction loss")
-    lambda_adv: float = field(0.001, "weight of the adversarial loss (0: reconstruction only, no discriminator)")
+    lambda_adv: float = field(0.0, "weight of the adversarial loss; 0, the paper's recipe for AlexNet features: "
+                                   "reconstruction only, no discriminator (the paper's inpainting runs use 0.001)")
     lr: float = field(1e-3, "Adam learning rate of the generator (the context encoder)")
     supervised_lr: float = field(1e-4, "Adam learning rate of --objective supervised (--lr is the context "
                                        "encoder's)")

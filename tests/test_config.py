@@ -29,7 +29,7 @@ def test_bad_choice_is_refused():
 
 def test_pretrain_config_defaults_are_the_papers():
     cfg = parse_config(PretrainConfig, [])
-    assert (cfg.lambda_rec, cfg.lambda_adv, cfg.overlap, cfg.overlap_weight) == (0.999, 0.001, 7, 10.0)
+    assert (cfg.lambda_rec, cfg.lambda_adv, cfg.overlap, cfg.overlap_weight) == (0.999, 0.0, 7, 10.0)
     assert cfg.mask == "random_region" and cfg.mask_fraction == 0.25 and cfg.data == "builtin"
 
 

@@ -16,7 +16,7 @@ STEPS = 8
 def _cmd(tmp_path, data, name, resume):
     return [sys.executable, "-m", "pretrain", "--output-dir", str(tmp_path), "--name", name, "--data", str(data),
             "--batch-size", "4", "--steps", str(STEPS), "--workers", "0", "--amp", "none", "--channels-last", "false",
-            "--eval-images", "2", "--ckpt-every", "1", "--log-every", "1", "--keep-checkpoints", "2",
+            "--eval-images", "2", "--ckpt-every", "1", "--log-every", "1", "--keep-checkpoints", "2", "--lambda-adv", "0.001",
             "--resume", str(resume).lower()]
 
 

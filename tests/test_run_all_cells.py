@@ -47,7 +47,8 @@ class Bench:
         monkeypatch.setattr(run_all, "TASK_SOURCES", {"classify": (str(self.code),), "pretrain": (str(self.code),)})
         monkeypatch.setattr(run_all, "VARIANTS", {"ce-fake": {"mask": "center", "lambda_adv": 0.0}})
         monkeypatch.setattr(run_all, "pretrain_main", self.pretrain_main)
-        monkeypatch.setitem(run_all.PRESETS, "quick", {"data": {}, "pretrain": {"steps": 3}, "classify": {"lr": 0.1}})
+        monkeypatch.setitem(run_all.PRESETS, "quick", {"variants": ["ce-fake"], "seeds": 1, "data": {}, "pretrain": {"steps": 3},
+                                                     "classify": {"lr": 0.1}})
         self.out = tmp_path / "results"
 
     def classify_main(self, cfg: FakeConfig) -> dict:
@@ -164,6 +165,22 @@ def test_one_collapsed_seed_of_several_hides_the_mean():
              for s in ("ok", "collapsed", "ok")]
     assert run_all.table_entry(cells, "segment", "random", "mIoU") == "collapsed in 1 of 3 seeds"
     assert run_all.table_entry([cells[0], cells[2]], "segment", "random", "mIoU") == "30.0 ± 0.0"
+
+
+def _cells(task: str, start: str, key: str, values: list[float]) -> list[dict]:
+    return [{"task": task, "start": start, "status": "ok", "stale": None, "scores": {key: v}} for v in values]
+
+
+def test_the_positive_control_passes_only_beyond_two_standard_deviations():
+    random = _cells("classify", "random", "mAP_11point", [0.30, 0.32, 0.31])  # 31 +- 1
+    clear = random + _cells("classify", "supervised", "mAP_11point", [0.40, 0.41, 0.42])  # +10, 2 std = 2
+    close = random + _cells("classify", "supervised", "mAP_11point", [0.32, 0.34, 0.33])  # +2 <= 2 std = 2
+    assert run_all.control_verdict(clear, "classify", "mAP_11point") == "passes: +10.0 (2 std = 2.0)"
+    assert run_all.control_verdict(close, "classify", "mAP_11point").startswith("NOT DISCRIMINATING: +2.0")
+    worse = random + _cells("classify", "supervised", "mAP_11point", [0.20, 0.21])
+    assert run_all.control_verdict(worse, "classify", "mAP_11point").startswith("NOT DISCRIMINATING: -10.5")
+    one_seed = random + _cells("classify", "supervised", "mAP_11point", [0.9])
+    assert run_all.control_verdict(one_seed, "classify", "mAP_11point") == "–"  # no spread from one seed
 
 
 def test_the_summary_renders_only_the_invocations_the_runner_recorded(bench):

@@ -81,7 +81,7 @@ def test_only_the_allow_list_may_change_on_resume():
     fine = PretrainConfig(steps=900, stop_at=450, workers=0, eval_images=8, keep_checkpoints=1, log_every=1,
                           ckpt_every=5, resume=True, device="cpu", output_dir="elsewhere")
     check_resumable(fine, stored, "config.json")  # no error
-    for change in ({"batch_size": 32}, {"seed": 1}, {"amp": "none"}, {"lambda_adv": 0.0}, {"data": "x"},
+    for change in ({"batch_size": 32}, {"seed": 1}, {"amp": "none"}, {"lambda_adv": 0.001}, {"data": "x"},
                    {"encoder": "alexnet-poolfree"}, {"mask_fraction": 0.2}, {"lr_schedule": "cosine"}):
         with pytest.raises(UserError, match=next(iter(change))):
             check_resumable(PretrainConfig(**change), stored, "config.json")
