@@ -609,7 +609,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = [v for v in only.get("variants", []) if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"--only variants={','.join(unknown)}: not a variant; the variants are {', '.join(VARIANTS)}")
-    variants = [v for v in VARIANTS if v in only.get("variants", preset["variants"])]
+    variants = [v for v in VARIANTS if v in only.get("variants", preset["variants"])
+                and v in only.get("starts", VARIANTS)]  # a start left out needs no pretraining
     tasks = [t for t in TASKS if t in only.get("tasks", TASKS)]
     seeds = [int(s) for s in only.get("seeds", range(args.seeds))]
     work = Path(args.work) if args.work else Path("runs") / "benchmark" / out.name
