@@ -173,8 +173,11 @@ def task_config(run: dict[str, Any], task: str, start: str, init: str, seed: int
     return cls(**{k: v for k, v in fields.items() if k in cls.__dataclass_fields__})
 
 
-def pretrain_config(run: dict[str, Any], variant: str, seed: int) -> PretrainConfig:
-    fields = {**run["preset"]["pretrain"], **VARIANTS[variant], **run["preset"]["data"]}
+def pretrain_config(run: dict[str, Any], variant: str, seed: int,
+                    overrides: dict[str, Any] | None = None) -> PretrainConfig:
+    """The pretraining of `variant` with `seed` under the run's preset; `overrides` replaces VARIANTS[variant] for a
+    runner with pretraining variants of its own (benchmarks/learning_curve.py)."""
+    fields = {**run["preset"]["pretrain"], **(VARIANTS[variant] if overrides is None else overrides), **run["preset"]["data"]}
     return PretrainConfig(**fields, name=f"{variant}-seed{seed}", output_dir=str(run["work"] / "pretrain"), data=run["data"],
                           data_cache=run["data_cache"], seed=seed, resume=True)
 
