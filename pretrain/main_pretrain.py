@@ -70,6 +70,9 @@ class PretrainConfig:
     lambda_adv: float = field(0.0, "weight of the adversarial loss; 0, the paper's recipe for AlexNet features: "
                                    "reconstruction only, no discriminator (the paper's inpainting runs use 0.001)")
     lr: float = field(1e-3, "Adam learning rate of the generator (the context encoder)")
+    supervised_crops: bool = field(True, "--objective supervised on a VOC-layout set ('builtin' included): every "
+                                         "object's box (with some context) is an image labelled with its class, an "
+                                         "object-centric set as ImageNet is; false: whole images with their image labels")
     supervised_lr: float = field(1e-4, "Adam learning rate of --objective supervised (--lr is the context "
                                        "encoder's)")
     lr_d_ratio: float = field(0.1, "discriminator lr = lr x this (paper: generator 10x the discriminator)")
@@ -121,7 +124,8 @@ def build_models(cfg: PretrainConfig) -> tuple[nn.Module, nn.Module | None]:
     """The generator and, when the adversarial loss is on, its discriminator; for the supervised objective, the
     classifier (no discriminator)."""
     if cfg.objective == "supervised":
-        classes = open_labelled_images(cfg.data, cfg.data_cache or None, cfg.builtin_images).classes
+        classes = open_labelled_images(cfg.data, cfg.data_cache or None, cfg.builtin_images,
+                                       object_crops=cfg.supervised_crops).classes
         return SupervisedClassifier(build_encoder(cfg.encoder), classes, cfg.crop_size, cfg.dropout), None
     generator = build_generator(dataclasses.asdict(cfg))  # the one builder checkpoints are loaded back with
     # built even when unused (lambda_adv 0): the RNG stream after it, hence dropout masks, does not depend on lambda_adv
@@ -171,7 +175,7 @@ def build_data(cfg: PretrainConfig, rank: int, world_size: int, start_step: int)
 
 def _labelled_sets(cfg: PretrainConfig) -> tuple[LabelledCropDataset, LabelledCropDataset]:
     labelled = open_labelled_images(cfg.data, cache_dir=cfg.data_cache or None, builtin_images=cfg.builtin_images,
-                                    strict=cfg.strict_images)
+                                    strict=cfg.strict_images, object_crops=cfg.supervised_crops)
     _check_held_out(cfg, labelled.held_out)
     common = {"crop_size": cfg.crop_size, "resize": max(cfg.resize, cfg.crop_size), "seed": cfg.seed}
     return (LabelledCropDataset(labelled.train, train=True, **common),

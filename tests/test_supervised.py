@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import default_collate
 
 from pretrain.checkpoint import list_checkpoints
-from pretrain.data import DatasetNotFoundError, LabelledImageFolder, open_labelled_images
+from pretrain.data import DatasetNotFoundError, LabelledImageFolder, ObjectCrops, image_paths, open_labelled_images
 from pretrain.data.synthetic import SYNTHETIC_CLASSES, builtin_voc_root, image_hashes
 from pretrain.errors import UserError
 from pretrain.main_pretrain import PretrainConfig, main
@@ -66,11 +66,12 @@ def test_fits_built_in_labels_below_the_best_constant_guess(cache):
     assert losses[0] > prior_loss and min(losses[-3:]) < 0.5 * prior_loss, (prior_loss, losses)
 
 
-def test_built_in_training_data_never_includes_an_evaluation_image(cache):
-    labelled = open_labelled_images("builtin", cache, BUILTIN_IMAGES)
+@pytest.mark.parametrize("object_crops", [True, False])
+def test_built_in_training_data_never_includes_an_evaluation_image(cache, object_crops):
+    labelled = open_labelled_images("builtin", cache, BUILTIN_IMAGES, object_crops=object_crops)
     assert labelled.classes == SYNTHETIC_CLASSES
     evaluation = image_hashes(builtin_voc_root(cache, BUILTIN_IMAGES))  # every split of the evaluation set
-    used = [ds.image_path(i) for ds in (labelled.train, labelled.held_out) for i in range(len(ds))]
+    used = sorted({path for ds in (labelled.train, labelled.held_out) for path in image_paths(ds)})
     assert len(used) == round(0.8 * BUILTIN_IMAGES)  # its train and val splits
     trained_on = {hashlib.sha256(path.read_bytes()).hexdigest() for path in used}
     assert len(trained_on) == len(used) and trained_on.isdisjoint(evaluation)
@@ -86,7 +87,7 @@ def test_run_trains_resumes_and_its_checkpoint_is_a_trunk(tmp_path, tiny_voc):
     run = tmp_path / "straight"
     ev = json.loads((run / "eval.json").read_text())
     assert set(ev["ap"]) <= {"circle", "square", "triangle"} and 0 <= ev["map"] <= 1 and 0 < ev["chance_map"] < 1
-    assert ev["images"] == 2 and not (run / "samples").exists()
+    assert ev["images"] == 2 and not (run / "samples").exists()  # img_004's two objects
     ckpt = torch.load(list_checkpoints(run)[-1], weights_only=False)
     assert ckpt["config"]["objective"] == "supervised" and ckpt["model"]["head.weight"].shape == (3, 4096)
     trunk, info = build_trunk(str(run))
@@ -94,6 +95,18 @@ def test_run_trains_resumes_and_its_checkpoint_is_a_trunk(tmp_path, tiny_voc):
     for key, value in trunk.state_dict().items():
         assert torch.equal(value, ckpt["model"][f"encoder.{key}"]), key
     assert not torch.equal(trunk.conv1.weight, build_trunk("random")[0].conv1.weight)
+
+
+def test_object_crops_are_every_non_difficult_object_labelled_with_its_class(tiny_voc):
+    crops = ObjectCrops(tiny_voc, "train", context=1.5)
+    # img_000: circle, square; img_001: square; img_002: triangle, circle; img_003: circle (its triangle is difficult)
+    assert crops.image_index == [0, 0, 1, 2, 2, 3]
+    names = [crops.classes[int(crops[k][1].argmax())] for k in range(len(crops))]
+    assert names == ["circle", "square", "square", "triangle", "circle", "circle"]
+    assert all(crops[k][1].sum() == 1 for k in range(len(crops)))  # one-hot
+    image, _ = crops[0]  # circle (4, 4)-(23, 23) in VOC's 1-based pixels: 20 px wide, widened 1.5x
+    assert image.size == (30, 30)
+    assert len(ObjectCrops(tiny_voc, "val")) == 2
 
 
 def test_image_folder_labels_are_the_subfolders(tmp_path, tiny_voc):

@@ -25,10 +25,10 @@ from pretrain.data.images import (
     skip_none_collate,
 )
 from pretrain.data.synthetic import builtin_pretraining_root, builtin_voc_root
-from pretrain.data.voc import VOCDataset, VOCInfo, find_year_dir, read_voc_info, validate_voc_split
+from pretrain.data.voc import ObjectCrops, VOCDataset, VOCInfo, find_year_dir, read_voc_info, validate_voc_split
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DatasetFormatError", "DatasetNotFoundError", "ImageFolderDataset",
-           "LabelledImageFolder", "LabelledImages", "UnreadableImageError", "VOCDataset", "VOCInfo",
+           "LabelledImageFolder", "LabelledImages", "ObjectCrops", "UnreadableImageError", "VOCDataset", "VOCInfo",
            "builtin_pretraining_root", "builtin_voc_root", "check_images_readable", "find_year_dir", "image_paths",
            "list_images", "load_rgb", "open_labelled_images", "open_pretraining_images", "read_voc_info",
            "resolve_voc_root", "skip_none_collate", "validate_voc_split"]
@@ -51,6 +51,9 @@ def image_paths(images: Dataset) -> list[Path]:
     if isinstance(images, Subset):
         files = image_paths(images.dataset)
         return [files[i] for i in images.indices]
+    if isinstance(images, ObjectCrops):
+        files = image_paths(images.images)
+        return [files[i] for i in images.image_index]
     if isinstance(images, VOCDataset):
         return [images.image_path(i) for i in range(len(images))]
     if isinstance(images, ImageFolderDataset):
@@ -108,13 +111,14 @@ class LabelledImages:
 
 
 def open_labelled_images(data: str, cache_dir: str | Path | None = None, builtin_images: int = 2000,
-                         strict: bool = False) -> LabelledImages:
+                         strict: bool = False, object_crops: bool = True) -> LabelledImages:
     """Labelled training and held-out images for supervised pretraining.
 
     `builtin`: the built-in *pretraining* set (`builtin_pretraining_root`: the evaluation set's generator and
     classes from another seed, no image file in common with it), its train and val splits. A VOC root: its
-    train and val splits with the classification labels. A folder of class subfolders (ImageFolder): each
-    image labelled with its folder, every 20th file held out.
+    train and val splits. For both, `object_crops` makes every object its own image with its class as the label
+    (`ObjectCrops`, an object-centric set as ImageNet is), else each whole image has its multi-hot image labels.
+    A folder of class subfolders (ImageFolder): each image labelled with its folder, every 20th file held out.
     """
     if data == "builtin":
         root = builtin_pretraining_root(cache_dir=Path(cache_dir) if cache_dir else None, num_images=builtin_images)
@@ -122,6 +126,9 @@ def open_labelled_images(data: str, cache_dir: str | Path | None = None, builtin
         root = Path(data).expanduser()
     if not root.exists():
         raise DatasetNotFoundError(root, "'builtin', a VOC root, or a folder of class subfolders of images")
+    if (data == "builtin" or _is_voc(root)) and object_crops:
+        train, held_out = ObjectCrops(root, "train", strict=strict), ObjectCrops(root, "val", strict=strict)
+        return LabelledImages(train, held_out, tuple(train.classes))
     if data == "builtin" or _is_voc(root):
         train = VOCDataset(root, split="train", task="classification", strict=strict)
         held_out = VOCDataset(root, split="val", task="classification", strict=strict)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import Dataset
 
 from pretrain.data.images import IMAGE_EXTENSIONS, DatasetFormatError, DatasetNotFoundError, load_rgb_or_skip
 from pretrain.errors import list_problems
@@ -522,3 +523,40 @@ def validate_voc_split(root: str | Path, split: str, task: str, year: int | str 
         raise DatasetFormatError(f"{len(problems)} of the {len(ids)} {files} of split {split!r} in {year_dir} are "
                                  f"unusable: {list_problems(problems, limit)}")
     return len(ids)
+
+
+class ObjectCrops(Dataset):
+    """Every non-difficult object of a VOC split as its own labelled image, like an object-centric set (ImageNet):
+    items are `(PIL RGB crop, float32 (C,) one-hot label)`, or None for a skipped unreadable image.
+
+    The crop is the object's box widened to a square of `context` times its longer side around the box centre
+    (outside the image is black), so the object fills most of the crop whatever its size in the scene.
+    `image_index[k]` is the index in `images` of crop k's image.
+    """
+
+    def __init__(self, root: str | Path, split: str = "train", context: float = 1.3, strict: bool = False):
+        self.images = VOCDataset(root, split=split, task="detection", strict=strict)
+        self.classes, self.context = self.images.classes, context
+        self.objects: list[tuple[int, np.ndarray, int]] = []  # (image index, box x1y1x2y2, class)
+        for i in range(len(self.images)):
+            target = self.images.target(i)
+            for box, label, difficult in zip(target["boxes"].numpy(), target["labels"].tolist(),
+                                             target["difficult"].tolist()):
+                if not difficult:
+                    self.objects.append((i, box, label))
+        self.image_index = [i for i, _, _ in self.objects]
+
+    def __len__(self) -> int:
+        return len(self.objects)
+
+    def __getitem__(self, k: int) -> Any:
+        i, (x1, y1, x2, y2), label = self.objects[k]
+        image = load_rgb_or_skip(self.images.image_path(i), self.images.min_size, self.images.strict)
+        if image is None:
+            return None
+        half = self.context * max(x2 - x1, y2 - y1) / 2
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        crop = image.crop((round(cx - half), round(cy - half), round(cx + half), round(cy + half)))
+        target = torch.zeros(len(self.classes), dtype=torch.float32)  # (C,)
+        target[label] = 1.0
+        return crop, target
