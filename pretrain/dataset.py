@@ -48,6 +48,22 @@ def resize_short_side(image: Image.Image, short: int) -> Image.Image:
     return image.resize((max(short, round(w * scale)), max(short, round(h * scale))), Image.BILINEAR)
 
 
+def crop_and_flip(image: Image.Image, resize: int, crop_size: int, g: torch.Generator, train: bool) -> torch.Tensor:
+    """The image resized to a `resize` short side, then a random crop of `crop_size` and a coin-flip mirror drawn
+    from `g` when `train`, else the centre crop: a normalised (3, S, S) tensor."""
+    image = resize_short_side(image, resize)
+    w, h, s = image.width, image.height, crop_size
+    if train:
+        top = int(torch.randint(h - s + 1, (), generator=g))
+        left = int(torch.randint(w - s + 1, (), generator=g))
+    else:
+        top, left = (h - s) // 2, (w - s) // 2
+    x = TF.to_tensor(image.crop((left, top, left + s, top + s)))  # (3, S, S) in [0, 1]
+    if train and torch.rand((), generator=g).item() < 0.5:
+        x = x.flip(-1)
+    return normalize(x)
+
+
 class InpaintingDataset(Dataset):
     """Wraps a dataset of PIL images: returns (masked image, mask, original), or None for a bad file.
 
@@ -73,19 +89,8 @@ class InpaintingDataset(Dataset):
             return None
         # Held-out samples get the same crop and mask every epoch, so evaluations are comparable.
         g = sample_generator(self.seed, epoch if self.train else -1, index)
-        image = resize_short_side(image, self.resize)
-        w, h = image.size
-        s = self.crop_size
-        if self.train:
-            top = int(torch.randint(h - s + 1, (), generator=g))
-            left = int(torch.randint(w - s + 1, (), generator=g))
-        else:
-            top, left = (h - s) // 2, (w - s) // 2
-        x = TF.to_tensor(image.crop((left, top, left + s, top + s)))  # (3, S, S) in [0, 1]
-        if self.train and torch.rand((), generator=g).item() < 0.5:
-            x = x.flip(-1)
-        x = normalize(x)
-        mask = make_mask(self.mask, s, self.fraction, g, self.shapes)  # (S, S) bool
+        x = crop_and_flip(image, self.resize, self.crop_size, g, self.train)  # (3, S, S), normalised
+        mask = make_mask(self.mask, self.crop_size, self.fraction, g, self.shapes)  # (S, S) bool
         return {"input": apply_mask(x, mask), "mask": mask, "target": x}
 
 

@@ -13,12 +13,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.functional as TF
 from sklearn.metrics import average_precision_score
 from torch import nn
 from torch.utils.data import Dataset
 
-from pretrain.dataset import normalize, resize_short_side, sample_generator
+from pretrain.dataset import crop_and_flip, sample_generator
 from pretrain.engine import autocast
 
 
@@ -69,18 +68,8 @@ class LabelledCropDataset(Dataset):
         if item is None:
             return None
         image, labels = item
-        image = resize_short_side(image, self.resize)
-        w, h, s = image.width, image.height, self.crop_size
         g = sample_generator(self.seed, epoch if self.train else -1, index)
-        if self.train:
-            top = int(torch.randint(h - s + 1, (), generator=g))
-            left = int(torch.randint(w - s + 1, (), generator=g))
-        else:
-            top, left = (h - s) // 2, (w - s) // 2
-        x = TF.to_tensor(image.crop((left, top, left + s, top + s)))  # (3, S, S) in [0, 1]
-        if self.train and torch.rand((), generator=g).item() < 0.5:
-            x = x.flip(-1)
-        return {"input": normalize(x), "labels": labels}
+        return {"input": crop_and_flip(image, self.resize, self.crop_size, g, self.train), "labels": labels}
 
 
 def supervised_train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
