@@ -41,6 +41,7 @@ def test_cli_parses_tuples_and_defaults():
     cfg = parse_config(DetectConfig, ["--anchor-sizes", "16", "32", "--rescale", "false", "--epochs", "2"])
     assert cfg.anchor_sizes == (16, 32) and cfg.rescale is False and cfg.epochs == 2
     assert cfg.feature == "conv5" and cfg.data == "builtin" and cfg.amp == "bf16"
+    assert (cfg.representation_size, cfg.rpn_post_nms_train, cfg.box_batch_size) == (512, 300, 32)
 
 
 def test_training_target_drops_difficult_and_shifts_labels():

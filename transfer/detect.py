@@ -103,10 +103,15 @@ class DetectConfig(FinetuneConfig):
     feature: str = field("conv5", "trunk feature map: conv5 (stride 16) or pool5 (stride 32)", choices=("conv5", "pool5"))
     anchor_sizes: tuple[int, ...] = field((32, 64, 128, 256), "anchor sizes in px (at the resized scale)")
     aspect_ratios: tuple[float, ...] = field((0.5, 1.0, 2.0), "anchor height/width ratios")
-    representation_size: int = field(1024, "width of the new fc6/fc7 box head (AlexNet: 4096)")
-    rpn_post_nms_train: int = field(600, "proposals kept per image (after NMS) for training the box head")
-    rpn_post_nms_test: int = field(150, "proposals kept per image at test time (scenes hold 1-5 objects)")
-    box_batch_size: int = field(64, "sampled RoIs per image for the box head (Fast R-CNN's 64; torchvision's 512)")
+    # The box head's cost is (sampled RoIs) x 9216 x width: a 512-wide head halves fc6 and quarters fc7, and 32 sampled
+    # RoIs per image (256 per batch of 8; Fast R-CNN samples 64 per image, 128 per batch of 2) halve fc6/fc7 and
+    # RoIAlign again. 300 proposals (of 600 before NMS) still cover a 16x16 conv5 grid of 1-5 objects.
+    representation_size: int = field(512, "width of the new fc6/fc7 box head (AlexNet: 4096)")
+    rpn_post_nms_train: int = field(300, "proposals kept per image (after NMS, from twice as many before it) for "
+                                         "training the box head")
+    rpn_post_nms_test: int = field(150, "proposals kept per image at test time (after NMS, from twice as many before "
+                                        "it; scenes hold 1-5 objects)")
+    box_batch_size: int = field(32, "sampled RoIs per image for the box head (Fast R-CNN: 64; torchvision: 512)")
     box_score_thresh: float = field(0.001, "test-time detections below this score are dropped before NMS (a low "
                                     "threshold can only raise AP)")
     threads: int = field(0, "torch CPU threads (0: torch's default)")
