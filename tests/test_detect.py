@@ -3,6 +3,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from torch import nn
+from torchvision.ops import MultiScaleRoIAlign
 
 from pretrain.config import parse_config
 from pretrain.data import VOCDataset
@@ -10,6 +12,7 @@ from tests.conftest import TINY_VOC_CLASSES, TINY_VOC_SIZE
 from transfer.detect import (
     DetectConfig,
     DetectionTransform,
+    GatherRoIAlign,
     build_detector,
     calibrate_detector_,
     hflip_boxes,
@@ -37,7 +40,8 @@ def tiny_config(**overrides) -> DetectConfig:
 def test_cli_parses_tuples_and_defaults():
     cfg = parse_config(DetectConfig, ["--anchor-sizes", "16", "32", "--rescale", "false", "--epochs", "2"])
     assert cfg.anchor_sizes == (16, 32) and cfg.rescale is False and cfg.epochs == 2
-    assert cfg.feature == "conv5" and cfg.data == "builtin" and cfg.amp == "none"
+    assert cfg.feature == "conv5" and cfg.data == "builtin" and cfg.amp == "bf16"
+    assert (cfg.representation_size, cfg.rpn_post_nms_train, cfg.box_batch_size) == (512, 300, 32)
 
 
 def test_training_target_drops_difficult_and_shifts_labels():
@@ -174,3 +178,84 @@ def test_calibration_rescales_the_box_chain_and_zeroes_the_regressors(tiny_voc):
     for regressor in (model.rpn.head.bbox_pred, model.roi_heads.box_predictor.bbox_pred):
         assert torch.count_nonzero(regressor.weight) == 0
     assert model.training
+
+
+@pytest.mark.parametrize("feature_hw, image_shapes", [((16, 16), [(256, 256), (256, 256)]),
+                                                      ((15, 20), [(240, 320), (200, 300)])])
+def test_gather_roi_align_equals_torchvision_values_and_gradients(feature_hw, image_shapes):
+    torch.manual_seed(0)
+    features = torch.randn(2, 8, *feature_hw, requires_grad=True)  # (B, C, H, W)
+    proposals = []
+    for h, w in image_shapes:
+        corner = torch.rand(20, 2) * torch.tensor([w, h]) - 10
+        boxes = torch.cat([corner, corner + torch.rand(20, 2) * 150 + 0.2], 1)  # some tiny, some past the border
+        boxes[:3] = torch.tensor([[0.0, 0, w, h], [w - 3, h - 3, w, h], [-30, -30, 2, 2]])
+        proposals.append(boxes)
+    reference = MultiScaleRoIAlign(["0"], 6, 2)({"0": features}, proposals, image_shapes)  # (40, 8, 6, 6)
+    upstream = torch.randn_like(reference)
+    (expected_grad,) = torch.autograd.grad(reference, features, upstream)
+    pooled = GatherRoIAlign(6, 2)({"0": features}, proposals, image_shapes)
+    (grad,) = torch.autograd.grad(pooled, features, upstream)
+    assert pooled.shape == reference.shape
+    assert torch.allclose(pooled, reference, atol=1e-5) and torch.allclose(grad, expected_grad, atol=1e-5)
+    # an NHWC feature map (what a channels_last trunk gives) pools the same
+    nhwc = features.detach().contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(GatherRoIAlign(6, 2)({"0": nhwc}, proposals, image_shapes), reference, atol=1e-5)
+    empty = GatherRoIAlign(6, 2)({"0": features}, [torch.zeros(0, 4), torch.zeros(0, 4)], image_shapes)
+    assert empty.shape == (0, 8, 6, 6)
+
+
+def output_dtypes(model: nn.Module) -> dict[str, torch.dtype]:
+    """A forward hook on every conv and linear layer of `model`: {layer name: its last output's dtype}."""
+    dtypes = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            module.register_forward_hook(lambda _m, _i, out, name=name: dtypes.__setitem__(name, out.dtype))
+    return dtypes
+
+
+def test_bf16_autocast_computes_the_heavy_layers_in_bf16_and_every_box_in_float32(tiny_voc):
+    torch.manual_seed(0)
+    plain = build_detector(build_trunk("random", seed=0)[0], 3, tiny_config(channels_last=False))
+    fast = build_detector(build_trunk("random", seed=0)[0], 3, tiny_config(channels_last=True))
+    fast.load_state_dict(plain.state_dict())
+    assert fast.backbone.trunk.conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    images = [torch.rand(3, 96, 128), torch.rand(3, 96, 112)]
+    batch, _ = plain.transform(images)
+    expected = plain.backbone(batch.tensors)  # (2, 256, 6, 8) in float32
+    dtypes = output_dtypes(fast)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fast.backbone(batch.tensors)
+        logits, deltas = fast.rpn.head([expected])  # objectness (2, A, 6, 8), box deltas (2, 4A, 6, 8)
+        rois = torch.randn(5, 256, 6, 6)  # (R, C, 6, 6) pooled RoIs
+        scores, box_deltas = fast.roi_heads.box_predictor(fast.roi_heads.box_head(rois))
+    assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
+    assert (got - expected).norm() / expected.norm() < 0.05  # bf16 keeps ~3 significant digits per layer
+    expected_logits, expected_deltas = plain.rpn.head([expected])
+    assert logits[0].dtype == deltas[0].dtype == scores.dtype == box_deltas.dtype == torch.float32
+    assert (deltas[0] - expected_deltas[0]).norm() / expected_deltas[0].norm() < 0.05
+    bf16 = {name for name, dtype in dtypes.items() if dtype == torch.bfloat16}
+    assert bf16 == {*(f"backbone.trunk.{n}" for n in ("conv1", "conv2", "conv3", "conv4", "conv5")),
+                    "rpn.head.conv.0.0", "roi_heads.box_head.fc6", "roi_heads.box_head.fc7"}, bf16
+    # the predictor computes in float32 under autocast: exactly what it computes without
+    fc7 = torch.rand(5, 64, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = fast.roi_heads.box_predictor(fc7)
+    assert all(torch.equal(a, b) for a, b in zip(inside, fast.roi_heads.box_predictor(fc7.float())))
+    # a whole training step under autocast, and detections out of it in float32
+    ds = VOCDataset(tiny_voc, split="train", task="detection", transform=DetectionTransform(train=True))
+    train_images, targets = list_collate([ds[0], ds[3]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = fast(train_images, targets)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert fast.backbone.trunk.conv1.weight.grad.dtype == torch.float32
+    fast.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        (out, _) = fast(images)
+    assert out["boxes"].dtype == torch.float32 and out["scores"].dtype == torch.float32
+    # without autocast (--amp none) nothing is bf16
+    dtypes.clear()
+    with torch.no_grad():
+        fast(images)
+    assert set(dtypes.values()) == {torch.float32}

@@ -5,13 +5,18 @@
 The paper (Table 2) fine-tunes Fast R-CNN with Selective Search proposals. Here the proposals come from
 torchvision's region proposal network trained jointly on the same trunk (Faster R-CNN), because Selective
 Search is not in torchvision and would be a second, CPU-heavy, hand-written component. Everything that
-torchvision already does (anchors, box coding, sampling, NMS, RoIAlign, resizing) is torchvision's:
+torchvision already does (anchors, box coding, sampling, NMS, resizing) is torchvision's; RoIAlign computes
+torchvision's roi_align as one gather (GatherRoIAlign: torchvision's CPU backward is a serial loop):
 
     image -> GeneralizedRCNNTransform (resize to --min-size/--max-size, ImageNet mean/std, as in pretraining)
           -> AlexNet conv1..conv5 (the --init trunk, fine-tuned; conv5 after ReLU, stride 16, 256 channels)
-          -> RPN (AnchorGenerator, --anchor-sizes x --aspect-ratios per location)
-          -> MultiScaleRoIAlign to 256 x 6 x 6 (pool5's shape, so fc6 has AlexNet's 9216 inputs)
-          -> new fc6/fc7 (TwoMLPHead, --representation-size) -> FastRCNNPredictor (classes + background)
+          -> RPN (AnchorGenerator, --anchor-sizes x --aspect-ratios per location; ProposalHead)
+          -> RoIAlign to 256 x 6 x 6 (pool5's shape, so fc6 has AlexNet's 9216 inputs)
+          -> new fc6/fc7 (TwoMLPHead, --representation-size) -> BoxPredictor (classes + background)
+
+With `--amp bf16` (the default) the trunk's convolutions, the RPN's 3x3 conv and fc6/fc7 compute in bf16 under
+the shared loop's autocast; the feature map, objectness, box deltas, class scores, RoIAlign and all box coding
+(anchors, proposals, detections) stay float32.
 
 conv5 rather than pool5 is the feature map: pool5 has stride 32, so on a 256 px image it is an 8x8 grid
 whose cells are as large as the median object, and the RPN's anchors (one set per cell) could not tell
@@ -37,6 +42,7 @@ prints; every rank returns its metrics (transfer.experiment explains the split).
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,6 +59,7 @@ from torch.utils.data.distributed import DistributedSampler
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.utils import draw_bounding_boxes
 
@@ -76,6 +83,7 @@ from transfer.rescale import within_layer_init_
 from transfer.trunk import build_trunk, calibrate_network_
 
 ROI_SIZE = 6  # RoIAlign output, pool5's 6x6: fc6 sees the same 256*6*6 inputs as AlexNet's
+ROI_SAMPLING = 2  # bilinear samples per RoIAlign bin side (torchvision's MultiScaleRoIAlign default)
 
 
 @dataclass
@@ -87,16 +95,23 @@ class DetectConfig(FinetuneConfig):
     lr: float = field(0.02, "SGD learning rate for the global batch: linear warm-up from lr/100, then cosine decay to 0")
     weight_decay: float = field(1e-4, "SGD weight decay on weights (not biases)")
     warmup_epochs: float = field(0.3, "epochs of linear lr warm-up (at most a fifth of the run)")
-    amp: str = field("none", "autocast: none or bf16 (CPU or CUDA)", choices=("none", "bf16"))
+    amp: str = field("bf16", "mixed precision: none or bf16 (CPU or CUDA); bf16 runs the trunk, the RPN's 3x3 conv and "
+                             "fc6/fc7 in bf16, while objectness, box deltas, class scores and box coding stay float32",
+                     choices=("none", "bf16"))
     min_size: int = field(256, "short side images are resized to (torchvision's transform; Detectron uses 800)")
     max_size: int = field(400, "cap on the long side after resizing")
     feature: str = field("conv5", "trunk feature map: conv5 (stride 16) or pool5 (stride 32)", choices=("conv5", "pool5"))
     anchor_sizes: tuple[int, ...] = field((32, 64, 128, 256), "anchor sizes in px (at the resized scale)")
     aspect_ratios: tuple[float, ...] = field((0.5, 1.0, 2.0), "anchor height/width ratios")
-    representation_size: int = field(1024, "width of the new fc6/fc7 box head (AlexNet: 4096)")
-    rpn_post_nms_train: int = field(600, "proposals kept per image (after NMS) for training the box head")
-    rpn_post_nms_test: int = field(150, "proposals kept per image at test time (scenes hold 1-5 objects)")
-    box_batch_size: int = field(64, "sampled RoIs per image for the box head (Fast R-CNN's 64; torchvision's 512)")
+    # The box head's cost is (sampled RoIs) x 9216 x width: a 512-wide head halves fc6 and quarters fc7, and 32 sampled
+    # RoIs per image (256 per batch of 8; Fast R-CNN samples 64 per image, 128 per batch of 2) halve fc6/fc7 and
+    # RoIAlign again. 300 proposals (of 600 before NMS) still cover a 16x16 conv5 grid of 1-5 objects.
+    representation_size: int = field(512, "width of the new fc6/fc7 box head (AlexNet: 4096)")
+    rpn_post_nms_train: int = field(300, "proposals kept per image (after NMS, from twice as many before it) for "
+                                         "training the box head")
+    rpn_post_nms_test: int = field(150, "proposals kept per image at test time (after NMS, from twice as many before "
+                                        "it; scenes hold 1-5 objects)")
+    box_batch_size: int = field(32, "sampled RoIs per image for the box head (Fast R-CNN: 64; torchvision: 512)")
     box_score_thresh: float = field(0.001, "test-time detections below this score are dropped before NMS (a low "
                                     "threshold can only raise AP)")
     threads: int = field(0, "torch CPU threads (0: torch's default)")
@@ -106,17 +121,120 @@ class DetectConfig(FinetuneConfig):
 # ------------------------------------------------------------------------------------------------- model
 
 
-class TrunkBackbone(nn.Module):
-    """The AlexNet trunk as a torchvision detection backbone: one feature map, `out_channels` = 256."""
+def float32_region(x: torch.Tensor) -> torch.autocast:
+    """Autocast off on `x`'s device: the layers whose outputs code boxes compute in float32 even when the loop's
+    --amp bf16 autocast encloses them. In bf16 (8 significant bits) a box delta or an anchor coordinate of 128-512 px
+    moves in 1-2 px steps, and torchvision decodes, matches and clips boxes in its inputs' dtype."""
+    return torch.autocast(x.device.type, enabled=False)
 
-    def __init__(self, trunk: nn.Module, feature: str = "conv5") -> None:
+
+class TrunkBackbone(nn.Module):
+    """The AlexNet trunk as a torchvision detection backbone: one feature map, `out_channels` = 256.
+
+    `channels_last`: the input is made NHWC (oneDNN's and cuDNN's fast layout; build_detector makes the trunk's
+    weights NHWC too). The feature map comes back float32 whatever the enclosing autocast computed it in:
+    torchvision makes its anchors in the feature map's dtype, and RoIAlign then averages float32 features.
+    """
+
+    def __init__(self, trunk: nn.Module, feature: str = "conv5", channels_last: bool = False) -> None:
         super().__init__()
         self.trunk = trunk
         self.feature = feature
+        self.channels_last = channels_last
         self.out_channels = trunk.feature_channels[feature]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.trunk(x, [self.feature])[0]  # (B, 256, H/16, W/16) for conv5
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)  # (B, 3, H, W), NHWC in memory
+        features = self.trunk(x, [self.feature])[0]  # (B, 256, H/16, W/16) for conv5
+        return features.float()  # NHWC if channels_last: the gather's (B*H*W, C) table is then a free view
+
+
+def roi_align_gather(features: torch.Tensor, rois: torch.Tensor, output_size: int, spatial_scale: float,
+                     sampling_ratio: int) -> torch.Tensor:
+    """torchvision.ops.roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned=False), as
+    one weighted gather of feature rows (F.embedding_bag over the NHWC feature map); the same sample points,
+    border rules and average, so equal up to float rounding.
+
+    features (B, C, H, W); rois (R, 5): image index, x1, y1, x2, y2 in input pixels -> (R, C, P, P).
+    Bilinear interpolation is separable: each output bin sums S x S samples x 2 x 2 corners = 4 S^2 rows
+    of the (B*H*W, C) table, each weighted by (y weight) * (x weight) / S^2.
+    """
+    if sampling_ratio <= 0:
+        raise ValueError(f"roi_align_gather: sampling_ratio must be positive, got {sampling_ratio}")
+    batch, channels, height, width = features.shape
+    bins, samples = output_size, sampling_ratio
+    image, box = rois[:, 0].long(), rois[:, 1:] * spatial_scale  # (R,), (R, 4) in feature cells
+    size = (box[:, 2:] - box[:, :2]).clamp_min(1.0)  # (R, 2) width, height; aligned=False's minimum of 1 cell
+    offsets = (torch.arange(bins * samples, device=rois.device, dtype=rois.dtype) + 0.5) / samples  # (P*S,) in bins
+    points = box[:, None, :2] + offsets[None, :, None] * (size / bins)[:, None, :]  # (R, P*S, 2) x, y
+    limit = torch.tensor([width, height], device=rois.device, dtype=rois.dtype)  # (2,)
+    inside = (points >= -1) & (points <= limit)  # (R, P*S, 2); a point beyond a border by > 1 cell adds 0
+    points = points.clamp_min(0)
+    low = points.floor().long()
+    last = (limit - 1).long().expand_as(low)  # (R, P*S, 2)
+    at_edge = low >= last  # on or past the last row/column: both corners are that row/column
+    low = torch.where(at_edge, last, low)
+    high = torch.where(at_edge, low, low + 1)
+    frac = torch.where(at_edge, torch.zeros_like(points), points - low)
+    corner = torch.stack([low, high], -1)  # (R, P*S, 2 axes, 2 corners)
+    weight = torch.stack([1 - frac, frac], -1) * inside[..., None]  # (R, P*S, 2 axes, 2 corners)
+    cx, cy = corner[:, :, 0].view(-1, 1, bins, 1, 1, samples, 2), corner[:, :, 1].view(-1, bins, 1, samples, 2, 1, 1)
+    wx, wy = weight[:, :, 0].view(-1, 1, bins, 1, 1, samples, 2), weight[:, :, 1].view(-1, bins, 1, samples, 2, 1, 1)
+    # dims (R, bin y, bin x, sample y, corner y, sample x, corner x): one bag of 4 S^2 rows per output bin
+    rows = image.view(-1, 1, 1, 1, 1, 1, 1) * (height * width) + cy * width + cx
+    row_weights = wy * wx / samples ** 2
+    table = features.permute(0, 2, 3, 1).reshape(batch * height * width, channels)  # (B*H*W, C); a view if NHWC
+    n, bag = rois.shape[0] * bins * bins, 4 * samples ** 2
+    pooled = nn.functional.embedding_bag(rows.reshape(n, bag), table, mode="sum",
+                                         per_sample_weights=row_weights.reshape(n, bag).to(table.dtype))  # (R*P*P, C)
+    return pooled.view(-1, bins, bins, channels).permute(0, 3, 1, 2)  # (R, C, P, P)
+
+
+class GatherRoIAlign(MultiScaleRoIAlign):
+    """torchvision's MultiScaleRoIAlign for a single feature map ("0"), computed by `roi_align_gather`
+    (a subclass because FasterRCNN accepts only that type).
+
+    Why not torchvision's: its CPU roi_align backward loops over every RoI x channel x bin serially, ~1/4 of a
+    float32 training step at 8 images x 64 RoIs; the gather's backward adds whole NHWC rows and is ~6x faster.
+    The spatial scale is inferred as torchvision does: the power of 2 nearest feature height / image height.
+    """
+
+    def __init__(self, output_size: int, sampling_ratio: int) -> None:
+        super().__init__(featmap_names=["0"], output_size=output_size, sampling_ratio=sampling_ratio)
+        self.bins = output_size
+
+    def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
+                image_shapes: list[tuple[int, int]]) -> torch.Tensor:
+        feature = features["0"]  # (B, C, H, W)
+        scale = 2.0 ** round(math.log2(feature.shape[-2] / max(h for h, _ in image_shapes)))
+        index = torch.cat([torch.full((len(p), 1), i, dtype=p.dtype, device=p.device) for i, p in enumerate(proposals)])
+        rois = torch.cat([index, torch.cat(proposals)], dim=1)  # (R, 5): image index, x1, y1, x2, y2
+        return roi_align_gather(feature, rois, self.bins, scale, self.sampling_ratio)  # (R, C, 6, 6)
+
+
+class ProposalHead(RPNHead):
+    """torchvision's RPNHead; its 3x3 conv (256 -> 256 at every feature cell) runs under the enclosing autocast,
+    the 1x1 objectness and box-delta convs in float32 (`float32_region`): the deltas are decoded against the anchors."""
+
+    def forward(self, x: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        logits, deltas = [], []
+        for feature in x:  # one (B, C, H, W) map per level; here one level
+            hidden = self.conv(feature)  # (B, C, H, W), after ReLU; bf16 under --amp bf16
+            with float32_region(hidden):
+                hidden = hidden.float()
+                logits.append(self.cls_logits(hidden))  # (B, A, H, W)
+                deltas.append(self.bbox_pred(hidden))  # (B, 4A, H, W)
+        return logits, deltas
+
+
+class BoxPredictor(FastRCNNPredictor):
+    """torchvision's FastRCNNPredictor in float32 (`float32_region`) on fc7's output, whatever dtype fc6/fc7 computed
+    in: the box deltas are decoded against the proposals, and the class scores rank the detections."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with float32_region(x):
+            return super().forward(x.float())  # (R, classes + 1) scores, (R, 4 (classes + 1)) box deltas
 
 
 def build_detector(trunk: nn.Module, num_classes: int, cfg: DetectConfig) -> FasterRCNN:
@@ -124,15 +242,19 @@ def build_detector(trunk: nn.Module, num_classes: int, cfg: DetectConfig) -> Fas
 
     `num_classes` counts foreground classes; the predictor adds the background class 0.
     """
-    backbone = TrunkBackbone(trunk, cfg.feature)
+    if cfg.channels_last:
+        trunk.to(memory_format=torch.channels_last)  # NHWC weights for NHWC inputs: no layout copy per convolution
+    backbone = TrunkBackbone(trunk, cfg.feature, channels_last=cfg.channels_last)
     anchors = AnchorGenerator(sizes=(tuple(cfg.anchor_sizes),), aspect_ratios=(tuple(cfg.aspect_ratios),))
-    roi_pool = MultiScaleRoIAlign(featmap_names=["0"], output_size=ROI_SIZE, sampling_ratio=2)
+    roi_pool = GatherRoIAlign(ROI_SIZE, ROI_SAMPLING)
     head = TwoMLPHead(backbone.out_channels * ROI_SIZE ** 2, cfg.representation_size)
-    predictor = FastRCNNPredictor(cfg.representation_size, num_classes + 1)
+    predictor = BoxPredictor(cfg.representation_size, num_classes + 1)
+    # built after the box head, where FasterRCNN would build its own RPNHead: the same random draws per seed
+    rpn_head = ProposalHead(backbone.out_channels, anchors.num_anchors_per_location()[0])
     return FasterRCNN(
         backbone, num_classes=None, min_size=cfg.min_size, max_size=cfg.max_size,
         image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),  # what the trunk was pretrained on
-        rpn_anchor_generator=anchors, rpn_post_nms_top_n_train=cfg.rpn_post_nms_train,
+        rpn_anchor_generator=anchors, rpn_head=rpn_head, rpn_post_nms_top_n_train=cfg.rpn_post_nms_train,
         rpn_pre_nms_top_n_train=2 * cfg.rpn_post_nms_train, rpn_post_nms_top_n_test=cfg.rpn_post_nms_test,
         rpn_pre_nms_top_n_test=2 * cfg.rpn_post_nms_test, box_roi_pool=roi_pool, box_head=head,
         box_predictor=predictor, box_batch_size_per_image=cfg.box_batch_size, box_score_thresh=cfg.box_score_thresh,
