@@ -564,11 +564,22 @@ def _plot_probes(cells: list[dict[str, Any]], starts: list[str], layers: list[st
     plt.close(fig)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform module knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict[str, str]:
     import torch
 
     return {**package_versions(), "device": "cuda" if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
-            "machine": platform.machine(), "git commit": git_commit()}
+            "cpu": cpu_model(), "machine": platform.machine(), "git commit": git_commit()}
 
 
 # ----------------------------------------------------------------------------------------------- main
