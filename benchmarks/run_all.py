@@ -53,7 +53,7 @@ from pretrain.provenance import (  # noqa: E402
     project_sources,
     source_hash,
 )
-from transfer import classify, detect, probe, retrieve, segment  # noqa: E402
+from transfer import classify, colour_histogram, detect, probe, retrieve, segment  # noqa: E402
 
 # Pretraining variants: name -> PretrainConfig overrides (on top of the preset's pretraining budget).
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -109,7 +109,10 @@ TASKS: dict[str, tuple[type, Callable[[Any], dict[str, Any]]]] = {
     "detect": (detect.DetectConfig, detect.main),
     "segment": (segment.SegmentConfig, segment.main),
     "retrieve": (retrieve.RetrieveConfig, retrieve.main),
+    "colour_histogram": (colour_histogram.ColourHistogramConfig, colour_histogram.main),
 }
+# Tasks that evaluate no trunk: their one "start" is the method itself, run once (it is deterministic).
+STARTLESS_TASKS: dict[str, str] = {"colour_histogram": "colour-histogram"}
 
 # The files whose contents decide each task's numbers: its module and every project module it imports, directly
 # or not. A stored cell whose files hash differently from now is stale.
@@ -353,6 +356,8 @@ def known_starts(run: dict[str, Any], pretrain_ids: dict[str, dict[str, Any]], t
                  task: str) -> dict[str, tuple[str, dict[str, str] | None]]:
     """Every start of `task` this run knows: table name -> (--init value, the init a cell's identity names;
     for a pretrained start, the pretraining cell's hashes as it would be now)."""
+    if task in STARTLESS_TASKS:
+        return {STARTLESS_TASKS[task]: (STARTLESS_TASKS[task], None)}
     starts: dict[str, tuple[str, dict[str, str] | None]] = {
         v: (str(cell_work(run, "pretrain", v, 0)), pretrained_start(v, pretrain_ids[v])) for v in VARIANTS}
     starts.update({name: (options["init"], None) for name, options in BASELINES.items()})
@@ -458,6 +463,10 @@ def build_tables(cells: list[dict[str, Any]], starts: list[str], out: Path, data
                 "segmentation mIoU": table_entry(cells, "segment", s, "mIoU"),
                 "seeds": max(len(_results(cells, t, s)) for t in ("classify", "detect", "segment"))}
             for s in starts if any(_results(cells, t, s) for t in ("classify", "detect", "segment"))}
+    if _results(cells, "colour_histogram", "colour-histogram"):  # the trivial baseline: colour statistics only
+        rows["colour histogram + logistic regression (trivial)"] = {
+            "classification mAP (VOC07 11-pt)": table_entry(cells, "colour_histogram", "colour-histogram", "mAP_11point"),
+            "detection mAP@0.5 (VOC07 11-pt)": "–", "segmentation mIoU": "–", "seeds": "–"}
     rows[f"positive control ({CONTROL} - {CONTROL_AGAINST})"] = {
         "classification mAP (VOC07 11-pt)": control_verdict(cells, "classify", "mAP_11point"),
         "detection mAP@0.5 (VOC07 11-pt)": control_verdict(cells, "detect", "mAP_11point"),
@@ -644,11 +653,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for task in tasks:
         known = known_starts(run, pretrain_ids, args.torchvision, task)
         # pretrained starts as this run's pretraining cells are; baselines (and retrieval's HOG) as known
-        task_starts = {**starts, **{name: v for name, v in known.items() if name not in VARIANTS}}
+        task_starts = known if task in STARTLESS_TASKS else {
+            **starts, **{name: v for name, v in known.items() if name not in VARIANTS}}
         if "starts" in only:
             task_starts = {k: v for k, v in task_starts.items() if k in only["starts"]}
         for name, (init, init_id) in task_starts.items():
-            for seed in seeds if task != "retrieve" else seeds[:1]:  # retrieval is deterministic given the init
+            # retrieval is deterministic given the init, a start-free task deterministic outright
+            for seed in seeds if task not in ("retrieve", *STARTLESS_TASKS) else seeds[:1]:
                 folder = cell_work(run, task, name, seed)
                 cfg = task_config(run, task, name, init, seed, folder)
                 run_cell(out / "cells" / task / name / f"seed{seed}.json", {"task": task, "start": name, "seed": seed},
@@ -668,7 +679,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     cells, refused = judge_cells(out, identity_now)
     data_label = "the built-in data" if args.data == "builtin" else Path(args.data).name
-    order = [*VARIANTS, *BASELINES, "torchvision", "hog"]
+    order = [*VARIANTS, *BASELINES, "torchvision", "hog", *STARTLESS_TASKS.values()]
     table_starts = sorted({c["start"] for c in cells}, key=lambda s: order.index(s) if s in order else len(order))
     written = build_tables(cells, table_starts, out, data_label)
     wall = time.time() - t0
@@ -691,7 +702,8 @@ def compute_by_task(cells: list[dict[str, Any]], seeds: int, n_variants: int) ->
     lines = ["## Compute", "", "| task | cells timed | minutes | minutes per cell | cells in a full run | "
              "full run, minutes (estimate) |", "|---|--:|--:|--:|--:|--:|"]
     n_starts = n_variants + len(BASELINES)
-    full_cells = {"pretrain": n_variants, "retrieve": n_starts + 1}  # retrieval: one seed, plus HOG
+    full_cells = {"pretrain": n_variants, "retrieve": n_starts + 1,  # retrieval: one seed, plus HOG
+                  **{task: 1 for task in STARTLESS_TASKS}}
     total_estimate = 0.0
     for task in ["pretrain", *TASKS]:
         # the median, so a cell that only re-evaluated a reused pretraining run does not skew the rate
