@@ -441,12 +441,15 @@ CONTROL, CONTROL_AGAINST = "supervised", "random"
 def control_verdict(cells: list[dict[str, Any]], task: str, key: str) -> str:
     """Whether `task`'s score `key` tells the supervised start from the random one: "passes" when the supervised
     mean beats the random mean by more than two standard deviations (the larger of the two starts' sample std
-    over seeds), else "NOT DISCRIMINATING"; "–" while either has fewer than two finished, uncollapsed seeds."""
+    over seeds), else "NOT DISCRIMINATING" (also when a seed of either collapsed); "–" while either has fewer
+    than two finished seeds."""
     values = {}
     for start in (CONTROL, CONTROL_AGAINST):
         group = [c for c in _results(cells, task, start) if not c["stale"]]
-        vals = [100 * c["scores"][key] for c in group if c["status"] == "ok" and key in c["scores"]]
-        if len(vals) < 2 or len(vals) < len(group):
+        if any(c["status"] == "collapsed" for c in group):
+            return f"NOT DISCRIMINATING: {start} collapsed"
+        vals = [100 * c["scores"][key] for c in group if key in c["scores"]]
+        if len(vals) < 2:
             return "–"
         values[start] = vals
     good, rand = values[CONTROL], values[CONTROL_AGAINST]

@@ -181,6 +181,8 @@ def test_the_positive_control_passes_only_beyond_two_standard_deviations():
     assert run_all.control_verdict(worse, "classify", "mAP_11point").startswith("NOT DISCRIMINATING: -10.5")
     one_seed = random + _cells("classify", "supervised", "mAP_11point", [0.9])
     assert run_all.control_verdict(one_seed, "classify", "mAP_11point") == "–"  # no spread from one seed
+    collapsed = clear[:-1] + [{**clear[-1], "status": "collapsed"}]
+    assert run_all.control_verdict(collapsed, "classify", "mAP_11point") == "NOT DISCRIMINATING: supervised collapsed"
 
 
 def test_the_summary_renders_only_the_invocations_the_runner_recorded(bench):
