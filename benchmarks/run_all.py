@@ -1,6 +1,6 @@
 """Run every (start x task x seed) comparison and collect pandas tables and plots in results/.
 
-    python benchmarks/run_all.py                       # the default preset: Table 2's starts, within an hour on 2 cores
+    python benchmarks/run_all.py                       # the default preset: Table 2's starts, 2 seeds
     python benchmarks/run_all.py --preset full         # every variant, 3 seeds
     python benchmarks/run_all.py --quick               # a small preset (< 5 min), used by a test
     python benchmarks/run_all.py --data ../shared/data/camvid-voc --out results/camvid
