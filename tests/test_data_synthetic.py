@@ -21,6 +21,7 @@ from pretrain.data.synthetic import (
     image_hashes,
     voc_palette,
 )
+from transfer.colour_histogram import colour_histograms
 
 N, SIZE = 32, 96
 
@@ -176,16 +177,6 @@ def test_voc_dataset_reads_every_task(voc: Path):
     assert [set(np.array(SYNTHETIC_CLASSES)[row == 1]) for row in labels] == annotated
 
 
-def _colour_histograms(images: list[Image.Image]) -> np.ndarray:
-    """sqrt of each image's L1-normalised 8x8x8 RGB histogram (Hellinger features) -> (N, 512)."""
-    out = []
-    for im in images:
-        q = (np.asarray(im) // 32).reshape(-1, 3).astype(np.int64)  # (H*W, 3) bin per channel
-        h = np.bincount(q[:, 0] * 64 + q[:, 1] * 8 + q[:, 2], minlength=512).astype(np.float64)
-        out.append(np.sqrt(h / h.sum()))
-    return np.stack(out)
-
-
 def test_colour_histogram_does_not_tell_the_classes_apart(tmp_path: Path):
     """Colour and texture are drawn from one bank for every class, so a linear classifier on colour
     histograms must rank images near chance. With this protocol the earlier generator (one colour and
@@ -198,7 +189,7 @@ def test_colour_histogram_does_not_tell_the_classes_apart(tmp_path: Path):
     generate_voc_dataset(tmp_path, num_images=240, size=128, seed=11, workers=2)
     ds = VOCDataset(tmp_path, split="trainval", task="classification")
     test = VOCDataset(tmp_path, split="test", task="classification")
-    x = _colour_histograms([ds[i][0] for i in range(len(ds))] + [test[i][0] for i in range(len(test))])
+    x = colour_histograms([ds[i][0] for i in range(len(ds))] + [test[i][0] for i in range(len(test))])
     y = np.concatenate([ds.labels, test.labels])  # (240, C)
     fold = np.arange(len(x)) % 4  # 4-fold cross-validation: every image is scored by a model that never saw it
     scores = np.zeros(y.shape)
