@@ -18,6 +18,7 @@ from transfer.segment import (
     feature_geometry,
     interp_matrix,
     main,
+    median_frequency_weights,
     min_input_size,
     resample,
     segmentation_loss,
@@ -116,6 +117,23 @@ class FixedLogits(nn.Module):
 def _image(index: int, h: int, w: int) -> torch.Tensor:
     return torch.full((3, h, w), float(index))
 
+
+
+def test_median_frequency_weights_match_hand_computed_ones():
+    # image A: 6 background, 2 class 1, 1 void; image B: 3 background, 1 class 2. Class 3 never appears.
+    a = torch.tensor([[0, 0, 0], [0, 0, 0], [1, 1, 255]])
+    b = torch.tensor([[0, 0], [0, 2]])
+    weights = median_frequency_weights([a, b], num_classes=4)
+    freq = torch.tensor([9 / 12, 2 / 8, 1 / 4])  # class pixels / labelled pixels of the images holding the class
+    expected = freq.median() / freq  # median of (0.75, 0.25, 0.25) = 0.25
+    assert weights[:3].tolist() == pytest.approx(expected.tolist())
+    assert weights[3] == 0  # absent: no weight, not in the median
+    # weighted loss = sum_i w_{y_i} CE_i / sum_i w_{y_i}: rare classes count more than background
+    logits = torch.zeros(1, 4, 2, 2)
+    logits[0, 0] = 5.0  # predicts background everywhere
+    target = torch.tensor([[[0, 0], [0, 2]]])
+    plain, weighted = segmentation_loss(logits, target), segmentation_loss(logits, target, weights)
+    assert weighted > plain
 
 def test_evaluate_matches_hand_computed_iou():
     classes = ("bg", "a", "b", "c")  # "c" appears in neither truth nor prediction (outside the void pixels)

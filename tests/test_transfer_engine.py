@@ -111,6 +111,10 @@ def test_all_background_segmentation_is_collapsed():
     near = ConfusionMatrix(3)
     near.matrix[:] = [[900, 100, 0], [86, 14, 0], [100, 0, 0]]  # 27.63% vs 27.78% all-background
     assert "background everywhere" in segmentation_collapse(near)
+    # foreground predicted, but on the wrong pixels: below all-background (20.0% vs 27.78%) is collapsed too
+    worse = ConfusionMatrix(3)
+    worse.matrix[:] = [[600, 200, 200], [0, 0, 100], [0, 100, 0]]
+    assert "background everywhere" in segmentation_collapse(worse)
 
 
 def test_detection_without_any_box_is_collapsed():

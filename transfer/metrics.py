@@ -610,7 +610,8 @@ def classification_collapse(scores: npt.ArrayLike, atol: float = 1e-6) -> str | 
 def segmentation_collapse(cm: ConfusionMatrix, background: int = 0, max_share: float = 0.98,
                           margin: float = 0.005) -> str | None:
     """Why a segmentation result is degenerate, or None: one class takes at least `max_share` of the predicted
-    pixels, or the mIoU is within `margin` (0.5 points) of what predicting `background` everywhere scores."""
+    pixels, or the mIoU is not more than `margin` (0.5 points) above what predicting `background` everywhere
+    scores (below it counts too: such a model has learnt less than the class prior)."""
     pred = cm.matrix.sum(0).astype(np.float64)  # (C,) predicted pixels per class
     if pred.sum() == 0:
         return "no pixel was scored"
@@ -619,9 +620,9 @@ def segmentation_collapse(cm: ConfusionMatrix, background: int = 0, max_share: f
         return f"class {top} takes {100 * pred[top] / pred.sum():.1f}% of the predicted pixels"
     trivial = ConfusionMatrix(cm.num_classes)
     trivial.matrix[:, background] = cm.matrix.sum(1)  # every labelled pixel predicted as background
-    if abs(cm.miou() - trivial.miou()) <= margin:
-        return (f"mIoU {100 * cm.miou():.2f}% is within {100 * margin:.1f} points of predicting background everywhere "
-                f"({100 * trivial.miou():.2f}%)")
+    if cm.miou() - trivial.miou() <= margin:
+        return (f"mIoU {100 * cm.miou():.2f}% is not {100 * margin:.1f} points above predicting background "
+                f"everywhere ({100 * trivial.miou():.2f}%)")
     return None
 
 

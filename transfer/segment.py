@@ -98,6 +98,10 @@ class SegmentConfig(FinetuneConfig):
     loss_stride: int = field(4, "training loss on every s-th pixel (1: every pixel, as FCN). The logits are a fixed "
                                 "bilinear interpolation of a stride-8 to 32 score grid, so sparser samples of them "
                                 "carry nearly the same gradient at a fraction of the cost")
+    class_weights: str = field("median_frequency", "pixel loss weights: median_frequency (Eigen & Fergus 2015: "
+                                                   "rare classes weigh more, so objects are not drowned by "
+                                                   "background) or none (every pixel counts the same, as FCN)",
+                               choices=("median_frequency", "none"))
     threads: int = field(0, "torch CPU threads (0: torch's default, one per core)")
     num_predictions: int = field(4, "test images drawn in predictions.png")
 
@@ -245,9 +249,32 @@ def subsample_labels(target: torch.Tensor, stride: int) -> torch.Tensor:
     return target[..., o::stride, o::stride]
 
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Pixel cross-entropy, mean over labelled pixels; 255 (void) contributes neither loss nor gradient."""
-    return F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX)  # (B, K, H, W), (B, H, W)
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Pixel cross-entropy, the weighted mean over labelled pixels (`class_weights`: (K,) or None for 1 each);
+    255 (void) contributes neither loss nor gradient."""
+    return F.cross_entropy(logits.float(), target, weight=class_weights,  # (B, K, H, W), (B, H, W)
+                           ignore_index=IGNORE_INDEX)
+
+
+def median_frequency_weights(masks: Iterable[torch.Tensor], num_classes: int) -> torch.Tensor:
+    """Median-frequency balancing (Eigen & Fergus 2015, as SegNet trains): class c's weight is
+    median(freq) / freq(c), where freq(c) is c's pixels over all labelled pixels of the images c appears in.
+    A class absent from every mask gets weight 0 and takes no part in the median. (K,) float32.
+
+    Without it a short fine-tuning on scenes that are mostly background learns the prior (every pixel
+    background) before any start's features can show; with it every start must find the objects.
+    """
+    class_pixels = torch.zeros(num_classes, dtype=torch.float64)  # (K,)
+    image_pixels = torch.zeros(num_classes, dtype=torch.float64)  # (K,) labelled pixels of images holding c
+    for mask in masks:  # (H, W) int64, void = 255
+        counts = torch.bincount(mask[mask != IGNORE_INDEX].flatten(), minlength=num_classes)[:num_classes]
+        class_pixels += counts
+        image_pixels += (counts > 0) * counts.sum()
+    present = class_pixels > 0
+    freq = class_pixels[present] / image_pixels[present]
+    weights = torch.zeros(num_classes, dtype=torch.float64)
+    weights[present] = freq.median() / freq
+    return weights.float()
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -401,14 +428,15 @@ def save_predictions(samples: Sequence[tuple[torch.Tensor, torch.Tensor, torch.T
 
 # ------------------------------------------------------------------------------------------------ training
 
-def segmentation_step_loss(model: nn.Module, batch: tuple, device: torch.device, loss_stride: int) -> torch.Tensor | None:
+def segmentation_step_loss(model: nn.Module, batch: tuple, device: torch.device, loss_stride: int,
+                           class_weights: torch.Tensor | None = None) -> torch.Tensor | None:
     """The training loss on every `loss_stride`-th pixel; None for a batch without a labelled pixel."""
     images, masks = batch  # (B, 3, c, c), (B, c, c)
     masks = subsample_labels(masks.to(device, non_blocking=True), loss_stride)  # (B, c/s, c/s)
     if (masks == IGNORE_INDEX).all():
         return None
     logits = model(images.to(device, non_blocking=True), loss_stride)  # (B, K, c/s, c/s), float32
-    return segmentation_loss(logits, masks)
+    return segmentation_loss(logits, masks, class_weights)
 
 
 def main(cfg: SegmentConfig) -> dict[str, Any]:
@@ -463,8 +491,15 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
         if sampler is not None:
             sampler.set_epoch(epoch)
 
+    class_weights = None
+    if cfg.class_weights == "median_frequency":
+        masks = VOCDataset(exp.root, split=cfg.train_split, task="segmentation", strict=cfg.strict_images)
+        class_weights = median_frequency_weights((masks.target(i) for i in range(len(masks))), num_classes)
+        print0("class weights (median frequency): " + ", ".join(f"{c} {w:.2f}" for c, w in zip(classes, class_weights)))
+        class_weights = class_weights.to(device)
+
     def loss_fn(m: nn.Module, batch: tuple, dev: torch.device) -> torch.Tensor | None:
-        return segmentation_step_loss(m, batch, dev, cfg.loss_stride)
+        return segmentation_step_loss(m, batch, dev, cfg.loss_stride, class_weights)
 
     state = fit(model, ddp_model, train_loader, loss_fn, cfg, device, set_epoch)
 
@@ -478,6 +513,7 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
                    "num_train_images": len(train_set), "num_test_images": len(test_set),
                    "skipped_images": {"train": state.skipped_images, "test": skipped_test}, "epochs": cfg.epochs,
                    "steps": state.step, "train_history": state.history, "calibration": calibration,
+                   "class_weights": None if class_weights is None else [round(w, 4) for w in class_weights.tolist()],
                    "device": str(device), "threads": torch.get_num_threads()}
         metrics = write_results(exp, {"mIoU": scores["mIoU"], "pixel_accuracy": scores["pixel_accuracy"]}, details,
                                 rows, segmentation_collapse(cm), checkpoint)
