@@ -65,6 +65,7 @@ def test_quick_run_makes_every_table_and_resumes_after_a_kill(tmp_path):
     assert {"NN-inpainting, HOG features", "NN-inpainting, ce-l2 features", "NN-inpainting, random features"} <= set(
         inpainting.index)
     assert any(i.startswith("context encoder ce-l2, own fill") for i in inpainting.index)
+    assert not any("supervised, own fill" in i for i in inpainting.index)  # a classifier fills no hole
     assert (out / "probes.png").stat().st_size > 1000
     summary = (out / "summary.md").read_text()
     assert "torch" in summary and "git commit" in summary
