@@ -118,7 +118,6 @@ def _image(index: int, h: int, w: int) -> torch.Tensor:
     return torch.full((3, h, w), float(index))
 
 
-
 def test_median_frequency_weights_match_hand_computed_ones():
     # image A: 6 background, 2 class 1, 1 void; image B: 3 background, 1 class 2. Class 3 never appears.
     a = torch.tensor([[0, 0, 0], [0, 0, 0], [1, 1, 255]])
@@ -134,6 +133,7 @@ def test_median_frequency_weights_match_hand_computed_ones():
     target = torch.tensor([[[0, 0], [0, 2]]])
     plain, weighted = segmentation_loss(logits, target), segmentation_loss(logits, target, weights)
     assert weighted > plain
+
 
 def test_evaluate_matches_hand_computed_iou():
     classes = ("bg", "a", "b", "c")  # "c" appears in neither truth nor prediction (outside the void pixels)
