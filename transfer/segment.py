@@ -493,8 +493,8 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
 
     class_weights = None
     if cfg.class_weights == "median_frequency":
-        masks = VOCDataset(exp.root, split=cfg.train_split, task="segmentation", strict=cfg.strict_images)
-        class_weights = median_frequency_weights((masks.target(i) for i in range(len(masks))), num_classes)
+        # the training masks as stored (`target` decodes no image and applies no augmentation)
+        class_weights = median_frequency_weights((train_set.target(i) for i in range(len(train_set))), num_classes)
         print0("class weights (median frequency): " + ", ".join(f"{c} {w:.2f}" for c, w in zip(classes, class_weights)))
         class_weights = class_weights.to(device)
 
