@@ -202,7 +202,9 @@ def evaluate_rung(run: dict[str, Any], cells_dir: Path, objective: str, seed: in
 
 
 def evaluate_baselines(run: dict[str, Any], cells_dir: Path, transfer_seeds: int, rerun_failed: bool) -> list[dict[str, Any]]:
-    """run_all's random baselines (rescaled and raw) on every transfer task and transfer seed."""
+    """run_all's random baselines (rescaled and raw) on every transfer task and transfer seed. A cell run_all
+    stored under <out>/cells/ for the same task, start and seed is taken over when missing here: it is the same
+    computation (same config and code hashes, output folders aside), and run_cell recomputes it if it is not."""
     cells = []
     for task in TASKS:
         for name, options in BASELINES.items():
@@ -210,7 +212,12 @@ def evaluate_baselines(run: dict[str, Any], cells_dir: Path, transfer_seeds: int
                 task_dir = run["work"] / task / name / f"seed{seed}"
                 cfg = task_config(run, task, name, options["init"], seed, task_dir)
                 meta = {"task": task, "start": name, "seed": seed}
-                cell = run_cell(cells_dir / task / name / f"seed{seed}.json", meta, cell_identity(task, cfg), task_dir,
+                path = cells_dir / task / name / f"seed{seed}.json"
+                run_all_cell = Path(run["out"]) / "cells" / task / name / f"seed{seed}.json"
+                if not path.exists() and run_all_cell.is_file():
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(run_all_cell, path)
+                cell = run_cell(path, meta, cell_identity(task, cfg), task_dir,
                                 lambda t=task, c=cfg: run_task(t, c), False, rerun_failed)
                 cells.append({**cell, **meta})
     return cells

@@ -2,6 +2,7 @@
 rung without recomputing what is stored."""
 import dataclasses
 import hashlib
+import json
 import math
 import sys
 from pathlib import Path
@@ -98,6 +99,38 @@ def _cell_files(out: Path) -> dict[Path, int]:
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_baseline_bands_take_over_run_alls_fresh_cells_and_recompute_its_stale_ones(tmp_path, monkeypatch):
+    out, cells_dir = tmp_path / "results", tmp_path / "results" / "learning_curve" / "cells"
+    run = {"preset": lc.CURVE_PRESETS["quick"], "data": "builtin", "data_cache": "", "out": out, "work": tmp_path / "w"}
+
+    def run_all_cell(task: str, code_hash: str | None = None) -> None:
+        cfg = lc.task_config(run, task, "random", lc.BASELINES["random"]["init"], 0, tmp_path / "elsewhere")
+        identity = lc.cell_identity(task, cfg)
+        cell = {"task": task, "start": "random", "seed": 0, "status": "ok", "scores": {"stored": 0.123}, "seconds": 1.0,
+                "provenance": {"commit": "c0ffee", "config_hash": identity["config_hash"],
+                               "code_hash": code_hash or identity["code_hash"], "versions": {}},
+                "config": identity["config"]}
+        path = out / "cells" / task / "random" / "seed0.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cell))
+
+    run_all_cell("classify")  # fresh: the same computation the curve would run
+    run_all_cell("probe", code_hash="0" * 16)  # made by other code: stale
+    computed = []
+
+    def fake_task(task, cfg):
+        computed.append((task, cfg.rescale))
+        return "ok", {"computed": 1.0}, {}
+
+    monkeypatch.setattr(lc, "run_task", fake_task)
+    cells = lc.evaluate_baselines(run, cells_dir, 1, rerun_failed=False)
+    by_key = {(c["task"], c["start"]): c for c in cells}
+    assert by_key[("classify", "random")]["scores"] == {"stored": 0.123}  # taken over, not recomputed
+    assert by_key[("probe", "random")]["scores"] == {"computed": 1.0}  # stale: recomputed
+    # probe random (stale), and random-raw (no rescaling) on both tasks, of which run_all stored none
+    assert sorted(computed) == [("classify", False), ("probe", False), ("probe", True)]
 
 
 def test_quick_ladder_resumes_rung_by_rung_and_recomputes_nothing(tmp_path, data_cache):
