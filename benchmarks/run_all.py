@@ -1,7 +1,7 @@
 """Run every (start x task x seed) comparison and collect pandas tables and plots in results/.
 
-    python benchmarks/run_all.py                       # the default preset: Table 2's starts, 2 seeds
-    python benchmarks/run_all.py --preset full         # every variant, 3 seeds
+    python benchmarks/run_all.py                       # the default preset: Table 2's starts, 2 seeds, no retrieval
+    python benchmarks/run_all.py --preset full         # every variant and task, 3 seeds
     python benchmarks/run_all.py --quick               # a small preset (< 5 min), used by a test
     python benchmarks/run_all.py --data ../shared/data/camvid-voc --out results/camvid
     python benchmarks/run_all.py --only variants=ce-l2,autoencoder tasks=classify,probe seeds=0
@@ -53,7 +53,7 @@ from pretrain.provenance import (  # noqa: E402
     project_sources,
     source_hash,
 )
-from transfer import classify, colour_histogram, detect, probe, retrieve, segment  # noqa: E402
+from transfer import classify, colour_histogram, detect, object_probe, probe, retrieve, segment  # noqa: E402
 
 # Pretraining variants: name -> PretrainConfig overrides (on top of the preset's pretraining budget).
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -76,11 +76,12 @@ BASELINES: dict[str, dict[str, Any]] = {
 # the measured minutes per task.
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
-        "variants": ["ce-l2", "autoencoder", "supervised"], "seeds": 1,
+        "variants": ["ce-l2", "autoencoder", "supervised"], "seeds": 1, "tasks": "all",
         "data": {"builtin_images": 60},
         "pretrain": {"steps": 3, "batch_size": 8, "workers": 0, "eval_images": 8, "ckpt_every": 3},
         "classify": {"epochs": 1, "batch_size": 16, "fc_width": 128, "ten_crop": False, "workers": 0},
         "probe": {"workers": 0, "cv_folds": 2, "knn_k": 5},
+        "object_probe": {"workers": 0, "cv_folds": 2, "knn_k": 5, "max_objects": 40},
         "detect": {"epochs": 1, "batch_size": 4, "min_size": 128, "max_size": 160, "representation_size": 128,
                    "workers": 0, "warmup_epochs": 0.0, "vis_images": 2},
         "segment": {"epochs": 1, "batch_size": 8, "fc_width": 64, "crop_size": 128, "workers": 0},
@@ -88,16 +89,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "default": {  # Table 2's starts: context encoder (paper's recipe), autoencoder, supervised, random with and without
         "variants": ["ce-l2", "autoencoder", "supervised"], "seeds": 2,
+        # every task but retrieval (deterministic, Table 1's measure, not Table 2's): `--preset full` or --only adds it
+        "tasks": ["classify", "probe", "object_probe", "detect", "segment", "colour_histogram"],
         "data": {},
         "pretrain": {},  # the default `python -m pretrain` budget (380 steps)
         "classify": {"epochs": 3, "fc_width": 1024, "ten_crop": False},  # centre crop: a tenth of the test cost
         "probe": {},
+        "object_probe": {},
         "detect": {"epochs": 2},
         "segment": {"epochs": 3},
         "retrieve": {"queries": 200, "gallery": 12},
     },
 }
-PRESETS["full"] = {**PRESETS["default"], "variants": list(VARIANTS), "seeds": 3}  # the same recipes, every variant
+PRESETS["full"] = {**PRESETS["default"], "variants": list(VARIANTS), "seeds": 3, "tasks": "all"}  # the same recipes
 
 
 # ----------------------------------------------------------------------------------------------- tasks
@@ -106,6 +110,7 @@ PRESETS["full"] = {**PRESETS["default"], "variants": list(VARIANTS), "seeds": 3}
 TASKS: dict[str, tuple[type, Callable[[Any], dict[str, Any]]]] = {
     "classify": (classify.ClassifyConfig, classify.main),
     "probe": (probe.ProbeConfig, probe.main),
+    "object_probe": (object_probe.ObjectProbeConfig, object_probe.main),
     "detect": (detect.DetectConfig, detect.main),
     "segment": (segment.SegmentConfig, segment.main),
     "retrieve": (retrieve.RetrieveConfig, retrieve.main),
@@ -461,22 +466,24 @@ def control_verdict(cells: list[dict[str, Any]], task: str, key: str) -> str:
 def build_tables(cells: list[dict[str, Any]], starts: list[str], out: Path, data_label: str) -> dict[str, Path]:
     """results/transfer.*, probes.* (+ png), inpainting.* from the stored cells (each with its "stale" verdict)."""
     written: dict[str, Path] = {}
-    rows = {s: {"classification mAP (VOC07 11-pt)": table_entry(cells, "classify", s, "mAP_11point"),
-                "detection mAP@0.5 (VOC07 11-pt)": table_entry(cells, "detect", s, "mAP_11point"),
-                "segmentation mIoU": table_entry(cells, "segment", s, "mIoU"),
-                "seeds": max(len(_results(cells, t, s)) for t in ("classify", "detect", "segment"))}
-            for s in starts if any(_results(cells, t, s) for t in ("classify", "detect", "segment"))}
+    # (column, task, score): Table 2's three tasks, then the object probe's pool5 (the measure whose control passes)
+    columns = [("classification mAP (VOC07 11-pt)", "classify", "mAP_11point"),
+               ("detection mAP@0.5 (VOC07 11-pt)", "detect", "mAP_11point"),
+               ("segmentation mIoU", "segment", "mIoU"),
+               ("object probe, pool5 SVM mAP (VOC07 11-pt)", "object_probe", "pool5/svm_mAP_11point")]
+    tasks = [task for _, task, _ in columns]
+    rows = {s: {**{col: table_entry(cells, task, s, key) for col, task, key in columns},
+                "seeds": max(len(_results(cells, t, s)) for t in tasks)}
+            for s in starts if any(_results(cells, t, s) for t in tasks)}
     if _results(cells, "colour_histogram", "colour-histogram"):  # the trivial baseline: colour statistics only
         rows["colour histogram + logistic regression (trivial)"] = {
-            "classification mAP (VOC07 11-pt)": table_entry(cells, "colour_histogram", "colour-histogram", "mAP_11point"),
-            "detection mAP@0.5 (VOC07 11-pt)": "–", "segmentation mIoU": "–", "seeds": "–"}
+            **{col: "–" for col, _, _ in columns}, "seeds": "–",
+            "classification mAP (VOC07 11-pt)": table_entry(cells, "colour_histogram", "colour-histogram", "mAP_11point")}
     rows[f"positive control ({CONTROL} - {CONTROL_AGAINST})"] = {
-        "classification mAP (VOC07 11-pt)": control_verdict(cells, "classify", "mAP_11point"),
-        "detection mAP@0.5 (VOC07 11-pt)": control_verdict(cells, "detect", "mAP_11point"),
-        "segmentation mIoU": control_verdict(cells, "segment", "mIoU"), "seeds": "–"}
+        **{col: control_verdict(cells, task, key) for col, task, key in columns}, "seeds": "–"}
     for name, cls_, det, seg in PAPER_TABLE2:
         rows[name] = {"classification mAP (VOC07 11-pt)": f"{cls_:.1f}", "detection mAP@0.5 (VOC07 11-pt)": f"{det:.1f}",
-                      "segmentation mIoU": f"{seg:.1f}", "seeds": "–"}
+                      "segmentation mIoU": f"{seg:.1f}", "object probe, pool5 SVM mAP (VOC07 11-pt)": "–", "seeds": "–"}
     transfer_df = pd.DataFrame.from_dict(rows, orient="index")
     transfer_df.index.name = "start"
     _save_table(transfer_df, out / "transfer", f"Transfer (Table 2 layout) on {data_label}",
@@ -488,18 +495,10 @@ def build_tables(cells: list[dict[str, Any]], starts: list[str], out: Path, data
                 "only: they are not comparable to this data's scale.")
     written["transfer"] = out / "transfer.md"
 
-    layers = ["conv1", "conv2", "conv3", "conv4", "conv5", "pool5"]
-    probe_rows = {s: {layer: table_entry(cells, "probe", s, f"{layer}/svm_mAP_11point") for layer in layers}
-                  for s in starts if _results(cells, "probe", s)}
-    probe_rows[f"positive control ({CONTROL} - {CONTROL_AGAINST})"] = {
-        layer: control_verdict(cells, "probe", f"{layer}/svm_mAP_11point") for layer in layers}
-    probe_df = pd.DataFrame.from_dict(probe_rows, orient="index")
-    probe_df.index.name = "start"
-    _save_table(probe_df, out / "probes", f"Frozen linear-SVM probes per layer on {data_label}",
-                "VOC07 11-point mAP (%) of per-class linear SVMs on average-pooled frozen features (Goyal et al. 2019 "
-                "settings), mean ± std over seeds. The positive-control row as in transfer.md.")
-    written["probes"] = out / "probes.md"
-    _plot_probes(cells, starts, layers, out / "probes.png", data_label)
+    for task, name, what in (("probe", "probes", "whole images (centre crop, image labels)"),
+                             ("object_probe", "object_probes", "objects (each annotated object's crop, its class)")):
+        if task == "probe" or _results(cells, task, CONTROL) or _results(cells, task, CONTROL_AGAINST):
+            written[name] = _probe_table(cells, starts, task, out / name, f"{data_label}, {what}")
 
     inp_rows: dict[str, dict[str, str]] = {}
 
@@ -550,7 +549,27 @@ def build_tables(cells: list[dict[str, Any]], starts: list[str], out: Path, data
     return written
 
 
-def _plot_probes(cells: list[dict[str, Any]], starts: list[str], layers: list[str], path: Path, data_label: str) -> None:
+PROBE_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "pool5")
+
+
+def _probe_table(cells: list[dict[str, Any]], starts: list[str], task: str, path: Path, label: str) -> Path:
+    """<path>.md/.csv (per start and layer, mean ± std of the SVM mAP, and the positive-control row) and <path>.png."""
+    layers = list(PROBE_LAYERS)
+    rows = {s: {layer: table_entry(cells, task, s, f"{layer}/svm_mAP_11point") for layer in layers}
+            for s in starts if _results(cells, task, s)}
+    rows[f"positive control ({CONTROL} - {CONTROL_AGAINST})"] = {
+        layer: control_verdict(cells, task, f"{layer}/svm_mAP_11point") for layer in layers}
+    df = pd.DataFrame.from_dict(rows, orient="index")
+    df.index.name = "start"
+    _save_table(df, path, f"Frozen linear-SVM probes per layer on {label}",
+                "VOC07 11-point mAP (%) of per-class linear SVMs on average-pooled frozen features (Goyal et al. 2019 "
+                "settings), mean ± std over seeds. The positive-control row as in transfer.md.")
+    _plot_probes(cells, starts, task, layers, path.with_suffix(".png"), label)
+    return path.with_suffix(".md")
+
+
+def _plot_probes(cells: list[dict[str, Any]], starts: list[str], task: str, layers: list[str], path: Path,
+                 label: str) -> None:
     """Mean SVM probe mAP per layer for each start (collapsed seeds left out; a stale start's label says so)."""
     import matplotlib
 
@@ -559,7 +578,7 @@ def _plot_probes(cells: list[dict[str, Any]], starts: list[str], layers: list[st
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for s in starts:
-        ok = [c for c in _results(cells, "probe", s) if c["status"] == "ok"]
+        ok = [c for c in _results(cells, task, s) if c["status"] == "ok"]
         means = [np.mean(v) * 100 if (v := [c["scores"][f"{layer}/svm_mAP_11point"] for c in ok
                                              if f"{layer}/svm_mAP_11point" in c["scores"]]) else np.nan
                  for layer in layers]
@@ -567,7 +586,7 @@ def _plot_probes(cells: list[dict[str, Any]], starts: list[str], layers: list[st
             ax.plot(layers, means, marker="o", label=s + (" (stale)" if any(c["stale"] for c in ok) else ""))
     ax.set_xlabel("layer")
     ax.set_ylabel("linear-SVM mAP (%)")
-    ax.set_title(f"Frozen probes per layer ({data_label})")
+    ax.set_title(f"Frozen probes per layer\n({label})", fontsize=9)
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=8)
@@ -613,7 +632,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--work", default="", help="folder for checkpoints and task outputs (default runs/benchmark/<out>)")
     parser.add_argument("--preset", default="default", choices=list(PRESETS),
                         help="default: the context encoder, autoencoder and supervised starts plus the random baselines, "
-                             "2 seeds; full: every variant, 3 seeds, the same recipes; quick: tiny budgets, for smoke tests")
+                             "2 seeds, every task but retrieval; full: every variant and task, 3 seeds, the same "
+                             "recipes; quick: tiny budgets, for smoke tests")
     parser.add_argument("--quick", action="store_true", help="the same as --preset quick")
     parser.add_argument("--seeds", type=int, default=0, help="seeds per (start, task) (default: the preset's)")
     parser.add_argument("--only", nargs="*", default=[], help="variants=.. tasks=.. seeds=.. starts=.. filters")
@@ -637,7 +657,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"--only variants={','.join(unknown)}: not a variant; the variants are {', '.join(VARIANTS)}")
     variants = [v for v in VARIANTS if v in only.get("variants", preset["variants"])
                 and v in only.get("starts", VARIANTS)]  # a start left out needs no pretraining
-    tasks = [t for t in TASKS if t in only.get("tasks", TASKS)]
+    tasks = [t for t in TASKS if t in only.get("tasks", preset_tasks(preset))]
     seeds = [int(s) for s in only.get("seeds", range(args.seeds))]
     work = Path(args.work) if args.work else Path("runs") / "benchmark" / out.name
     run = {"preset": preset, "data": args.data, "data_cache": args.data_cache, "out": out, "work": work}
@@ -688,8 +708,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     wall = time.time() - t0
     record_invocation(out, argv_used, preset_name, wall)
     write_summary(out, written, cells, refused, args)
-    for name in ("transfer", "probes", "inpainting"):
-        print((out / f"{name}.md").read_text())
+    for path in written.values():
+        print(path.read_text())
     failed = [c for c in cells if c["status"] == "error"]
     stale = [c for c in cells if c["stale"]]
     collapsed = [c for c in cells if c["status"] == "collapsed"]
@@ -700,15 +720,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- summary
-def compute_by_task(cells: list[dict[str, Any]], seeds: int, n_variants: int) -> list[str]:
-    """Measured minutes per task, and what a run of the preset's cells from scratch costs at those rates."""
+def preset_tasks(preset: dict[str, Any]) -> list[str]:
+    """The tasks a preset runs, in TASKS order (every task when it names none, or "all")."""
+    tasks = preset.get("tasks", "all")
+    return list(TASKS) if tasks == "all" else [t for t in TASKS if t in tasks]
+
+
+def compute_by_task(cells: list[dict[str, Any]], seeds: int, n_variants: int, tasks: list[str]) -> list[str]:
+    """Measured minutes per task, and what a run of the preset's cells (its variants, `tasks` and `seeds`) from
+    scratch costs at those rates."""
     lines = ["## Compute", "", "| task | cells timed | minutes | minutes per cell | cells in a full run | "
              "full run, minutes (estimate) |", "|---|--:|--:|--:|--:|--:|"]
     n_starts = n_variants + len(BASELINES)
     full_cells = {"pretrain": n_variants, "retrieve": n_starts + 1,  # retrieval: one seed, plus HOG
                   **{task: 1 for task in STARTLESS_TASKS}}
     total_estimate = 0.0
-    for task in ["pretrain", *TASKS]:
+    for task in ["pretrain", *tasks]:
         # the median, so a cell that only re-evaluated a reused pretraining run does not skew the rate
         secs = [c["seconds"] for c in cells if c["task"] == task and c["status"] in RESULT_STATUSES and "seconds" in c]
         if not secs:
@@ -718,7 +745,7 @@ def compute_by_task(cells: list[dict[str, Any]], seeds: int, n_variants: int) ->
         total_estimate += per_cell * n_full
         lines.append(f"| {task} | {len(secs)} | {sum(secs) / 60:.1f} | {per_cell:.1f} | {n_full} | {per_cell * n_full:.0f} |")
     lines += ["", f"A run of every cell from scratch ({n_variants} variants, {len(BASELINES)} baselines, {seeds} "
-              f"seeds) would take about **{total_estimate:.0f} min** on this machine at the median rates above."]
+              f"seeds; tasks {', '.join(tasks)}) would take about **{total_estimate:.0f} min** on this machine at the median rates above."]
     return lines
 
 
@@ -765,10 +792,12 @@ def write_summary(out: Path, written: dict[str, Path], cells: list[dict[str, Any
              f"compute adds up to {total:.1f} min:", ""]
     lines += [f"- `{shlex.join(['python', 'benchmarks/run_all.py', *i['argv']])}` (preset `{i['preset']}`, "
               f"{i['minutes']} min, finished {i['finished']})" for i in invocations]
-    lines += ["", *compute_by_task(cells, args.seeds, len(PRESETS[args.preset]["variants"])), "", "## Tables", ""]
+    preset = PRESETS[args.preset]
+    lines += ["", *compute_by_task(cells, args.seeds, len(preset["variants"]), preset_tasks(preset)), "", "## Tables", ""]
     lines += [f"- [{name}]({p.name}) ([csv]({p.with_suffix('.csv').name}))" for name, p in written.items()]
-    if (out / "probes.png").exists():
-        lines += ["", "![probes](probes.png)"]
+    for name in ("probes", "object_probes"):
+        if name in written and (out / f"{name}.png").exists():
+            lines += ["", f"![{name}]({name}.png)"]
     lines += ["", "## Environment", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in env.items()]
     lines += [f"| data | {_portable(args.data)} |"]
 

@@ -54,13 +54,17 @@ def test_quick_run_makes_every_table_and_resumes_after_a_kill(tmp_path):
 
     transfer = pd.read_csv(out / "transfer.csv", index_col=0)
     assert {"ce-l2", "random", "random-raw", "context encoder [published]"} <= set(transfer.index)
-    assert list(transfer.columns[:3]) == ["classification mAP (VOC07 11-pt)", "detection mAP@0.5 (VOC07 11-pt)",
-                                         "segmentation mIoU"]
+    assert list(transfer.columns[:4]) == ["classification mAP (VOC07 11-pt)", "detection mAP@0.5 (VOC07 11-pt)",
+                                         "segmentation mIoU", "object probe, pool5 SVM mAP (VOC07 11-pt)"]
     for start in ("ce-l2", "random", "random-raw"):
-        assert all(_reported(v) for v in transfer.loc[start].iloc[:3]), transfer.loc[start]
+        assert all(_reported(v) for v in transfer.loc[start].iloc[:4]), transfer.loc[start]
     probes = pd.read_csv(out / "probes.csv", index_col=0)
     assert list(probes.columns) == ["conv1", "conv2", "conv3", "conv4", "conv5", "pool5"]
     assert all(_finite(v) for v in probes.loc["ce-l2"])
+    object_probes = pd.read_csv(out / "object_probes.csv", index_col=0)  # the same layers, on the annotated objects
+    assert list(object_probes.columns) == list(probes.columns)
+    assert all(_finite(v) for v in object_probes.loc["ce-l2"]) and not object_probes.equals(probes)
+    assert (out / "object_probes.png").stat().st_size > 1000
     inpainting = pd.read_csv(out / "inpainting.csv", index_col=0)
     assert {"NN-inpainting, HOG features", "NN-inpainting, ce-l2 features", "NN-inpainting, random features"} <= set(
         inpainting.index)

@@ -58,7 +58,7 @@ from pretrain.config import field
 from pretrain.data import VOCDataset, skip_none_collate
 from pretrain.errors import run_cli
 from transfer.classify import centre_crop, eval_targets
-from transfer.experiment import TransferConfig, calibration_batch, init_label, setup, write_results
+from transfer.experiment import Experiment, TransferConfig, calibration_batch, init_label, setup, write_results
 from transfer.metrics import classification_report, knn_vote_scores
 from transfer.trunk import build_trunk, calibrate_network_
 
@@ -543,36 +543,47 @@ def knn_probe(train_x: np.ndarray, train_t: np.ndarray, test_x: np.ndarray, test
 
 
 def main(cfg: ProbeConfig) -> dict[str, Any]:
-    """Extract features, fit and score the probes per layer, write the results; returns metrics.json's content
-    (per-layer details under "layers")."""
+    """Probe the trunk on the centre crops of whole images (VOC classification labels); returns metrics.json's
+    content (per-layer details under "layers")."""
     exp = setup(cfg, "probe", voc_task="classification", splits=(cfg.train_split, cfg.test_split))
-    device, root = exp.device, exp.root
-    train_voc = VOCDataset(root, cfg.train_split, "classification", strict=cfg.strict_images)
-    test_voc = VOCDataset(root, cfg.test_split, "classification", strict=cfg.strict_images)
-    classes = list(train_voc.classes)
+    train_voc = VOCDataset(exp.root, cfg.train_split, "classification", strict=cfg.strict_images)
+    test_voc = VOCDataset(exp.root, cfg.test_split, "classification", strict=cfg.strict_images)
+    return probe_images(cfg, exp, train_voc, test_voc, eval_targets(train_voc), eval_targets(test_voc),
+                        list(train_voc.classes), "images")
 
+
+def probe_images(cfg: ProbeConfig, exp: Experiment, train_images: Dataset, test_images: Dataset, train_targets: np.ndarray,
+                 test_targets: np.ndarray, classes: list[str], unit: str) -> dict[str, Any]:
+    """Extract the frozen trunk's features of both splits, fit and score the probes per layer, write the results.
+
+    `train_images[i]` / `test_images[i]` are `(PIL image, ...)` items (or None: skipped); `*_targets` their (N, C)
+    labels in {1, 0, -1}; `unit` names what an item is in the printed lines ("images", "objects").
+    Returns metrics.json's content (per-layer details under "layers").
+    """
+    device = exp.device
     trunk, checkpoint = build_trunk(cfg.init, cfg.seed)
     calibration = None
     if cfg.rescale:  # the same protocol as the fine-tuning tasks; on frozen features it is the within-layer init
-        calib = calibration_batch(train_voc, cfg.calib_images, cfg.input_size, cfg.seed)  # (n, 3, S, S)
+        calib = calibration_batch(train_images, cfg.calib_images, cfg.input_size, cfg.seed)  # (n, 3, S, S)
         calibration = calibrate_network_(trunk, trunk, [], lambda: trunk(calib), trunk_is_fresh=cfg.init == "random")
     trunk.to(device)
     features = ProbeFeatures(trunk, cfg.layers).to(device)
     if cfg.channels_last:
         features.to(memory_format=torch.channels_last)
     dims = features.dims(cfg.input_size)
-    print(f"probe init={cfg.init} on {root}: {len(train_voc)} {cfg.train_split} / {len(test_voc)} {cfg.test_split} "
-          f"images, {len(classes)} classes; feature dims " + ", ".join(f"{k} {d}" for k, d in dims.items()), flush=True)
+    print(f"{exp.task} init={cfg.init} on {exp.root}: {len(train_images)} {cfg.train_split} / {len(test_images)} "
+          f"{cfg.test_split} {unit}, {len(classes)} classes; feature dims "
+          + ", ".join(f"{k} {d}" for k, d in dims.items()), flush=True)
 
     split_feats = {}
-    for name, voc in (("train", train_voc), ("test", test_voc)):
-        loader = DataLoader(CentreCrops(voc, cfg.input_size, cfg.resize), batch_size=cfg.batch_size, shuffle=False,
+    for name, images in (("train", train_images), ("test", test_images)):
+        loader = DataLoader(CentreCrops(images, cfg.input_size, cfg.resize), batch_size=cfg.batch_size, shuffle=False,
                             num_workers=cfg.workers, collate_fn=skip_none_collate)
         t0 = time.perf_counter()
         split_feats[name] = extract_features(features, loader, device, cfg.amp, cfg.channels_last)
-        print(f"features of {len(split_feats[name][1])} {name} images in {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"features of {len(split_feats[name][1])} {name} {unit} in {time.perf_counter() - t0:.0f} s", flush=True)
     (train_feats, train_index), (test_feats, test_index) = split_feats["train"], split_feats["test"]
-    train_t, test_t = eval_targets(train_voc)[train_index], eval_targets(test_voc)[test_index]  # (N, C), (M, C)
+    train_t, test_t = train_targets[train_index], test_targets[test_index]  # (N, C), (M, C)
 
     protocol = svm_protocol(cfg.costs, cfg.cv_folds, cfg.positive_weight, cfg.svm_solver, cfg.svm_max_iter)
     print(protocol, flush=True)
@@ -600,21 +611,22 @@ def main(cfg: ProbeConfig) -> dict[str, Any]:
         cs = list(best.values())
         top1 = f", top-1 {100 * knn['top1']:.1f}" if knn["top1"] is not None else ""
         unconverged = f", {svm['unconverged']} unconverged" if svm["unconverged"] else ""
-        print(f"probe init={init_label(cfg.init)} seed={cfg.seed} {layer} ({dims[layer]}-d): "
+        print(f"{exp.task} init={init_label(cfg.init)} seed={cfg.seed} {layer} ({dims[layer]}-d): "
               f"SVM mAP 11pt {100 * svm_report['mAP_11point']:.1f} / all-point {100 * svm_report['mAP_all_point']:.1f} "
               f"(median C {np.median(cs) if cs else float('nan'):g}, {svm['fits']} fits in {svm_seconds:.0f} s"
               f"{unconverged}) | kNN k={cfg.knn_k} mAP 11pt "
               f"{100 * knn['mAP_11point']:.1f} / all-point {100 * knn['mAP_all_point']:.1f}{top1}", flush=True)
 
     scores = {f"{layer}/{key}": m[key] for layer, m in metrics.items()
-              for key in ("svm_mAP_11point", "svm_mAP_all_point", "knn_mAP_11point", "knn_mAP_all_point")}
+              for key in ("svm_mAP_11point", "svm_mAP_all_point", "knn_mAP_11point", "knn_mAP_all_point", "knn_top1")
+              if m[key] is not None}  # knn_top1: single-label data only
     result = write_results(exp, scores, {"layers": metrics, "svm_protocol": protocol, "calibration": calibration},
                            per_class, checkpoint=checkpoint)
     skipped = sorted({c for m in metrics.values() for c in m["skipped_classes"]})
     if skipped:
         print(f"classes without a positive test image (left out of every mAP): {', '.join(skipped)}")
-    print(f"probe init={init_label(cfg.init)} seed={cfg.seed}: {len(features.layers)} layers on {cfg.test_split} "
-          f"({len(test_index)} images) in {result['wall_seconds'] / 60:.1f} min -> {exp.out}/")
+    print(f"{exp.task} init={init_label(cfg.init)} seed={cfg.seed}: {len(features.layers)} layers on {cfg.test_split} "
+          f"({len(test_index)} {unit}) in {result['wall_seconds'] / 60:.1f} min -> {exp.out}/")
     return result
 
 
