@@ -9,8 +9,8 @@
 Each objective (`OBJECTIVES`: the context encoder with the paper's recipe, the autoencoder, the supervised
 control) is pretrained once per pretraining seed, with a constant learning rate, and stopped at every rung of
 a geometric ladder of steps; rung 0 is the untrained network. The checkpoint of each rung is kept and
-evaluated as run_all evaluates a start: frozen linear-SVM probes on every layer, fine-tuned classification
-(run_all's preset recipes) and, for the inpainting objectives, the run's own held-out inpainting L1 at that
+evaluated as run_all evaluates a start: frozen linear-SVM probes on every layer of whole images and on conv5
+and pool5 of the annotated objects (`transfer.object_probe`), fine-tuned classification (run_all's preset recipes) and, for the inpainting objectives, the run's own held-out inpainting L1 at that
 step. The random trunk, with and without Krähenbühl et al.'s rescaling, over the transfer seeds, gives the
 bands a pretrained trunk has to clear. A checkpoint of pretraining seed k is evaluated with transfer seed k.
 
@@ -72,7 +72,7 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
     "supervised": VARIANTS["supervised"],  # the positive control
 }
 DEFAULT_OBJECTIVES = ("ce-l2", "autoencoder", "supervised")
-TASKS = ("probe", "classify")
+TASKS = ("probe", "object_probe", "classify")
 # run_all's presets (data, pretraining batch, task recipes) with the ladder of rungs: optimiser steps at which
 # each run's checkpoint is evaluated, rung 0 being the untrained network. The quick one also calibrates the
 # rescaling on 8 images instead of 32, the most of a tiny cell's time.
@@ -98,6 +98,8 @@ class Measure:
 MEASURES: tuple[Measure, ...] = (
     *(Measure(f"probe {layer}", "probe", f"{layer}/svm_mAP_11point", f"linear-SVM probe mAP, {layer} (%)")
       for layer in PROBE_LAYERS),
+    *(Measure(f"object probe {layer}", "object_probe", f"{layer}/svm_mAP_11point",
+              f"linear-SVM probe mAP on objects, {layer} (%)") for layer in ("conv5", "pool5")),
     Measure("classify", "classify", "mAP_11point", "fine-tuned classification mAP (%)"),
     Measure("inpainting L1", "pretrain", "l1", "held-out inpainting L1 over the hole (%)", higher_is_better=False),
 )

@@ -129,8 +129,9 @@ def test_baseline_bands_take_over_run_alls_fresh_cells_and_recompute_its_stale_o
     by_key = {(c["task"], c["start"]): c for c in cells}
     assert by_key[("classify", "random")]["scores"] == {"stored": 0.123}  # taken over, not recomputed
     assert by_key[("probe", "random")]["scores"] == {"computed": 1.0}  # stale: recomputed
-    # probe random (stale), and random-raw (no rescaling) on both tasks, of which run_all stored none
-    assert sorted(computed) == [("classify", False), ("probe", False), ("probe", True)]
+    # probe random (stale), object_probe random (run_all stored none) and random-raw (no rescaling) on every task
+    assert sorted(computed) == [("classify", False), ("object_probe", False), ("object_probe", True), ("probe", False),
+                                ("probe", True)]
 
 
 def test_quick_ladder_resumes_rung_by_rung_and_recomputes_nothing(tmp_path, data_cache):
@@ -140,7 +141,7 @@ def test_quick_ladder_resumes_rung_by_rung_and_recomputes_nothing(tmp_path, data
     first = lc.main([*argv, "--max-steps", "2"])
     assert first["rungs"] == [0, 2] and not first["failed"], [c.get("error") for c in first["failed"]]
     stored = _cell_files(out)
-    assert len(stored) == 2 * 2 * 2 + 2 * 2 * 3  # baselines: 2 tasks x 2 starts x 2 seeds; 2 objectives x 2 rungs x 3
+    assert len(stored) == 3 * 2 * 2 + 2 * 2 * 4  # baselines: 3 tasks x 2 starts x 2 seeds; 2 objectives x 2 rungs x 4
     runs = {o: work / "pretrain" / f"{o}-seed0" for o in ("ce-l2", "supervised")}
     metrics = {o: (d / "metrics.csv").read_text() for o, d in runs.items()}
     rung2 = {o: _sha(d / "rung-00000002" / lc.RUNG_CHECKPOINT) for o, d in runs.items()}
@@ -152,7 +153,7 @@ def test_quick_ladder_resumes_rung_by_rung_and_recomputes_nothing(tmp_path, data
     assert full["rungs"] == [0, 2, 4] and not full["failed"], [c.get("error") for c in full["failed"]]
     now = _cell_files(out)
     assert {p: now[p] for p in stored} == stored  # the rungs already done were not computed again
-    assert len(now) == len(stored) + 2 * 3
+    assert len(now) == len(stored) + 2 * 4
     for objective, run_dir in runs.items():  # the run went on from its step-2 checkpoint instead of starting over
         text = (run_dir / "metrics.csv").read_text()
         assert text.startswith(metrics[objective]), (metrics[objective], text)  # images_per_s too: not re-measured
