@@ -307,12 +307,12 @@ def _json_default(o: Any) -> Any:
 
 def run_cell(path: Path, meta: dict[str, Any], identity: dict[str, Any], work: Path,
              compute: Callable[[], tuple[str, dict[str, float], dict[str, Any]]], keep_stale: bool,
-             rerun_failed: bool) -> dict[str, Any]:
+             rerun_failed: bool, redo: bool = False) -> dict[str, Any]:
     """The cell at `path` as computing it now would give: the stored one when its hashes match `identity`
-    (unless it failed and `rerun_failed`), else `compute()` run in `work` and stored at once, with its provenance
-    (or its error). With `keep_stale` a stale stored cell is returned instead of recomputed."""
+    (unless it failed and `rerun_failed`, or `redo`), else `compute()` run in `work` and stored at once, with its
+    provenance (or its error). With `keep_stale` a stale stored cell is returned instead of recomputed."""
     label = f"{meta['task']} {meta['start']} seed {meta['seed']}"
-    if path.exists():
+    if path.exists() and not redo:
         cell = _read_cell(path)
         if cell is None:
             if keep_stale:
@@ -664,13 +664,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # What each pretraining cell would be now; transfer cells on a pretrained start name it by these hashes.
     pretrain_ids = {v: cell_identity("pretrain", pretrain_config(run, v, 0)) for v in VARIANTS}
 
-    starts: dict[str, tuple[str, dict[str, str] | None]] = {}  # name -> (--init value, init in the cell identity)
-    for variant in variants:
+    def pretrain(variant: str, redo: bool = False) -> dict[str, Any]:
         # One pretraining per variant (seed 0); the transfer seeds vary the fine-tuning, as in the paper.
         cfg = pretrain_config(run, variant, 0)
-        cell = run_cell(out / "cells" / "pretrain" / f"{variant}.json", {"task": "pretrain", "start": variant, "seed": 0},
-                        pretrain_ids[variant], cell_work(run, "pretrain", variant, 0), lambda c=cfg: pretrain_variant(c),
-                        args.keep_stale, args.rerun_failed)
+        return run_cell(out / "cells" / "pretrain" / f"{variant}.json", {"task": "pretrain", "start": variant, "seed": 0},
+                        pretrain_ids[variant], cell_work(run, "pretrain", variant, 0), lambda: pretrain_variant(cfg),
+                        args.keep_stale, args.rerun_failed, redo=redo)
+
+    def with_weights(variant: str | None, compute: Callable[[], Any]) -> Any:
+        # A stored pretraining cell whose run folder is gone (results/ cloned without runs/, or another --work) is
+        # pretrained again when a transfer cell first needs its weights, not before: re-rendering the tables of
+        # finished cells needs none. Same config and code, so its transfer cells keep their identity.
+        folder = cell_work(run, "pretrain", variant, 0) if variant else None
+        if folder is not None and not any(folder.glob("checkpoint-*.pth")):
+            print(f"[redo] pretrain {variant}: {folder} holds no checkpoint, and a transfer cell needs one", flush=True)
+            if pretrain(variant, redo=True)["status"] != "ok":
+                raise RuntimeError(f"the pretraining of {variant} failed; see cells/pretrain/{variant}.json")
+        return compute()
+
+    starts: dict[str, tuple[str, dict[str, str] | None]] = {}  # name -> (--init value, init in the cell identity)
+    for variant in variants:
+        cell = pretrain(variant)
         if cell["status"] == "ok":  # a kept stale pretraining: its transfer cells name it, so they show as stale too
             starts[variant] = (str(cell_work(run, "pretrain", variant, 0)), pretrained_start(variant, cell["provenance"]))
     for task in tasks:
@@ -686,7 +700,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 folder = cell_work(run, task, name, seed)
                 cfg = task_config(run, task, name, init, seed, folder)
                 run_cell(out / "cells" / task / name / f"seed{seed}.json", {"task": task, "start": name, "seed": seed},
-                         cell_identity(task, cfg, init_id), folder, lambda t=task, c=cfg: run_task(t, c),
+                         cell_identity(task, cfg, init_id), folder,
+                         lambda t=task, c=cfg, v=name if name in starts else None: with_weights(v, lambda: run_task(t, c)),
                          args.keep_stale, args.rerun_failed)
 
     # Tables come from every cell on disk, so separate invocations (e.g. --only variants=...) add up; each is

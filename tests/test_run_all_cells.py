@@ -3,6 +3,7 @@ the task-result reader, the invocation log. Fast: the tasks are stand-ins that w
 import json
 import math
 import re
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,9 @@ class Bench:
 
     def pretrain_main(self, cfg) -> dict:
         self.pretrainings.append(cfg.mask)
+        run_folder = Path(cfg.output_dir) / cfg.name
+        run_folder.mkdir(parents=True, exist_ok=True)
+        (run_folder / "checkpoint-00000003.pth").write_text(cfg.mask)
         return {"l1": 0.1, "l2": 0.02, "psnr": 16.0, "mean_fill_l1": 0.12, "mean_fill_l2": 0.03, "mean_fill_psnr": 15.0}
 
     def run(self, *extra: str, starts: str = "random") -> dict:
@@ -131,9 +135,20 @@ def test_a_changed_pretraining_is_recomputed_from_scratch_and_so_is_every_cell_o
     monkeypatch.setitem(run_all.VARIANTS, "ce-fake", {"mask": "random_block", "lambda_adv": 0.0})
     bench.run(starts="ce-fake")
     assert bench.pretrainings == ["center", "random_block"]
-    assert not (run_folder / "checkpoint-00000003.pth").exists()  # a stale checkpoint is never resumed
+    assert (run_folder / "checkpoint-00000003.pth").read_text() == "random_block"  # the stale one was not resumed
     assert len(bench.calls) == 2  # the transfer cell names its pretraining's hashes, so it was stale too
     assert bench.cell("ce-fake")["config"]["init"]["pretrain"] == "ce-fake"
+
+
+def test_a_pretraining_whose_run_folder_is_gone_is_redone_only_when_a_new_cell_needs_its_weights(bench):
+    bench.run(starts="ce-fake")
+    shutil.rmtree(bench.tmp / "work")  # results/ kept, runs/ not (a fresh clone)
+    bench.run(starts="ce-fake")  # every cell finished: the tables are rendered without weights
+    assert bench.pretrainings == ["center"] and len(bench.calls) == 1
+    bench.run("--seeds", "2", starts="ce-fake")  # a new seed needs the weights: one pretraining, then the cell
+    assert bench.pretrainings == ["center", "center"] and [seed for _, seed in bench.calls] == [0, 1]
+    assert (bench.tmp / "work" / "pretrain" / "ce-fake-seed0" / "checkpoint-00000003.pth").exists()
+    assert bench.cell("ce-fake")["provenance"]["code_hash"] == run_all.code_hash("classify")
 
 
 def test_a_cell_file_without_provenance_is_refused(bench):
