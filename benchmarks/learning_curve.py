@@ -8,11 +8,12 @@
 
 Each objective (`OBJECTIVES`: the context encoder with the paper's recipe, the autoencoder, the supervised
 control) is pretrained once per pretraining seed, with a constant learning rate, and stopped at every rung of
-a geometric ladder of steps; rung 0 is the untrained network. The checkpoint of each rung is kept and
-evaluated as run_all evaluates a start: frozen linear-SVM probes on every layer of whole images and on conv5
-and pool5 of the annotated objects (`transfer.object_probe`), fine-tuned classification (run_all's preset recipes) and, for the inpainting objectives, the run's own held-out inpainting L1 at that
-step. The random trunk, with and without Krähenbühl et al.'s rescaling, over the transfer seeds, gives the
-bands a pretrained trunk has to clear. A checkpoint of pretraining seed k is evaluated with transfer seed k.
+a geometric ladder of steps; rung 0 is the untrained network. The checkpoint of each rung is kept and evaluated as
+run_all evaluates a start: frozen linear-SVM probes on every layer of whole images and on conv5 and pool5 of the
+annotated objects (`transfer.object_probe`), fine-tuned classification (run_all's preset recipes) and, for the
+inpainting objectives, the run's own held-out inpainting L1 at that step. The random trunk, with and without
+Krähenbühl et al.'s rescaling, over the transfer seeds, gives the bands a pretrained trunk has to clear. A
+checkpoint of pretraining seed k is evaluated with transfer seed k.
 
 Every evaluation, and every advance of a pretraining run to a rung, is a cell stored as JSON with its
 provenance (run_all's `run_cell`: git commit, config and code hashes) under <out>/learning_curve/cells/, so

@@ -44,6 +44,7 @@ if str(REPO) not in sys.path:
 
 from pretrain.main_pretrain import PretrainConfig  # noqa: E402
 from pretrain.main_pretrain import main as pretrain_main  # noqa: E402
+from pretrain.precision import resolve_amp  # noqa: E402
 from pretrain.provenance import (  # noqa: E402
     OUTPUT_FIELDS,
     config_dict,
@@ -54,6 +55,7 @@ from pretrain.provenance import (  # noqa: E402
     source_hash,
 )
 from transfer import classify, colour_histogram, detect, object_probe, probe, retrieve, segment  # noqa: E402
+from transfer.experiment import select_device  # noqa: E402
 
 # Pretraining variants: name -> PretrainConfig overrides (on top of the preset's pretraining budget).
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -231,6 +233,8 @@ def cell_identity(task: str, config: Any, init: dict[str, str] | None = None) ->
     """What decides a cell's numbers: its resolved config (output fields left out, paths relative; a pretrained
     start named by its pretraining cell's hashes instead of a folder), that config's hash, and its code's hash."""
     cfg = {k: _portable(v) for k, v in config_dict(config).items() if k not in OUTPUT_FIELDS}
+    if cfg.get("amp") == "auto":  # as the run will resolve it here: fp32 and bf16 cells never share a hash
+        cfg["amp"] = resolve_amp("auto", select_device(cfg.get("device", "auto")))
     if init is not None:
         cfg["init"] = init
     cfg = json.loads(json.dumps(cfg, default=str))  # tuples as lists: as the stored cell holds it
@@ -760,7 +764,8 @@ def compute_by_task(cells: list[dict[str, Any]], seeds: int, n_variants: int, ta
         total_estimate += per_cell * n_full
         lines.append(f"| {task} | {len(secs)} | {sum(secs) / 60:.1f} | {per_cell:.1f} | {n_full} | {per_cell * n_full:.0f} |")
     lines += ["", f"A run of every cell from scratch ({n_variants} variants, {len(BASELINES)} baselines, {seeds} "
-              f"seeds; tasks {', '.join(tasks)}) would take about **{total_estimate:.0f} min** on this machine at the median rates above."]
+              f"seeds; tasks {', '.join(tasks)}) would take about **{total_estimate:.0f} min** on this machine at the "
+              f"median rates above."]
     return lines
 
 

@@ -40,6 +40,7 @@ from pretrain.health import context_encoder_health, format_health
 from pretrain.hub import build_generator
 from pretrain.masks import MASK_TYPES, shapes_from_segmentations
 from pretrain.models import Discriminator, build_encoder
+from pretrain.precision import AMP_CHOICES, AMP_HELP, resolve_amp
 from pretrain.run_folder import claim_run_folder, config_changes
 from pretrain.supervised import LabelledCropDataset, SupervisedClassifier, evaluate_classifier, supervised_train_step
 
@@ -86,8 +87,7 @@ class PretrainConfig:
     dropout: float = field(0.5, "dropout on the channel-wise FC layer")
     crop_size: int = field(227, "training crop (227 for alexnet; inpaint128 always uses 128)")
     resize: int = field(256, "short side the images are resized to before cropping (aspect kept)")
-    amp: str = field("bf16", "mixed precision: none, bf16 (CPU or CUDA) or fp16 (CUDA, with a grad scaler)",
-                     choices=("none", "bf16", "fp16"))
+    amp: str = field("auto", AMP_HELP + ", or fp16 (CUDA, with a grad scaler)", choices=(*AMP_CHOICES, "fp16"))
     channels_last: bool = field(True, "NHWC memory layout (faster convolutions with oneDNN and cuDNN)")
     workers: int = field(2, "data loader processes")
     seed: int = field(0, "seed for weights, data order, crops and masks")
@@ -216,7 +216,9 @@ def main(cfg: PretrainConfig) -> dict[str, float]:
         raise UserError(f"--objective supervised trains --model alexnet's trunk, not {cfg.model}; "
                         f"drop --model or pass --model alexnet")
     if cfg.amp == "fp16" and device.type != "cuda":
-        raise UserError("--amp fp16 needs CUDA; on a CPU use --amp bf16 or none")
+        raise UserError("--amp fp16 needs CUDA; on a CPU use --amp auto, bf16 or none")
+    # before the resume check: a run folder records what was computed, never 'auto'
+    cfg = dataclasses.replace(cfg, amp=resolve_amp(cfg.amp, device))
     run_dir = Path(cfg.output_dir) / cfg.name
     main_proc = is_main_process()
     with ExitStack() as run_folder:

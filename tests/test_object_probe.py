@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import TINY_VOC_CLASSES, TINY_VOC_OBJECTS, TINY_VOC_SPLITS
+
 from pretrain.data import ObjectCrops
 from pretrain.errors import BadOptionError
 from transfer import object_probe

@@ -14,9 +14,9 @@ torchvision's roi_align as one gather (GatherRoIAlign: torchvision's CPU backwar
           -> RoIAlign to 256 x 6 x 6 (pool5's shape, so fc6 has AlexNet's 9216 inputs)
           -> new fc6/fc7 (TwoMLPHead, --representation-size) -> BoxPredictor (classes + background)
 
-With `--amp bf16` (the default) the trunk's convolutions, the RPN's 3x3 conv and fc6/fc7 compute in bf16 under
-the shared loop's autocast; the feature map, objectness, box deltas, class scores, RoIAlign and all box coding
-(anchors, proposals, detections) stay float32.
+Under bf16 (`--amp auto` where the device has it natively, or `--amp bf16`) the trunk's convolutions, the RPN's
+3x3 conv and fc6/fc7 compute in bf16 under the shared loop's autocast; the feature map, objectness, box deltas,
+class scores, RoIAlign and all box coding (anchors, proposals, detections) stay float32.
 
 conv5 rather than pool5 is the feature map: pool5 has stride 32, so on a 256 px image it is an 8x8 grid
 whose cells are as large as the median object, and the RPN's anchors (one set per cell) could not tell
@@ -66,6 +66,7 @@ from torchvision.utils import draw_bounding_boxes
 from pretrain.config import field
 from pretrain.data import IMAGENET_MEAN, IMAGENET_STD, VOCDataset, skip_none_collate
 from pretrain.errors import BadOptionError, run_cli
+from pretrain.precision import AMP_CHOICES, AMP_HELP
 from transfer.engine import autocast, fit
 from transfer.experiment import (
     FinetuneConfig,
@@ -95,9 +96,8 @@ class DetectConfig(FinetuneConfig):
     lr: float = field(0.02, "SGD learning rate for the global batch: linear warm-up from lr/100, then cosine decay to 0")
     weight_decay: float = field(1e-4, "SGD weight decay on weights (not biases)")
     warmup_epochs: float = field(0.3, "epochs of linear lr warm-up (at most a fifth of the run)")
-    amp: str = field("bf16", "mixed precision: none or bf16 (CPU or CUDA); bf16 runs the trunk, the RPN's 3x3 conv and "
-                             "fc6/fc7 in bf16, while objectness, box deltas, class scores and box coding stay float32",
-                     choices=("none", "bf16"))
+    amp: str = field("auto", AMP_HELP + "; bf16 runs the trunk, the RPN's 3x3 conv and fc6/fc7 in bf16, while "
+                             "objectness, box deltas, class scores and box coding stay float32", choices=AMP_CHOICES)
     min_size: int = field(256, "short side images are resized to (torchvision's transform; Detectron uses 800)")
     max_size: int = field(400, "cap on the long side after resizing")
     feature: str = field("conv5", "trunk feature map: conv5 (stride 16) or pool5 (stride 32)", choices=("conv5", "pool5"))

@@ -30,6 +30,7 @@ from pretrain.data import resolve_voc_root, validate_voc_split
 from pretrain.dataset import normalize, resize_short_side
 from pretrain.distributed import all_reduce_mean, init_distributed, is_main_process
 from pretrain.errors import BadOptionError
+from pretrain.precision import AMP_CHOICES, AMP_HELP, resolve_amp
 from pretrain.provenance import OUTPUT_FIELDS, provenance
 
 
@@ -64,7 +65,7 @@ class FinetuneConfig(TransferConfig):
     weight_decay: float = field(5e-4, "SGD weight decay on weights (not biases)")
     warmup_epochs: float = field(1.0, "epochs of linear lr warm-up (at most a fifth of the run)")
     clip_grad: float = field(10.0, "max global gradient norm (0: off)")
-    amp: str = field("bf16", "mixed precision: none or bf16 (CPU or CUDA)", choices=("none", "bf16"))
+    amp: str = field("auto", AMP_HELP, choices=AMP_CHOICES)
     channels_last: bool = field(True, "NHWC memory layout (faster convolutions with oneDNN and cuDNN)")
     workers: int = field(2, "data loader processes")
     strict_images: bool = field(False, "stop at the first unreadable image instead of skipping it")
@@ -121,6 +122,8 @@ def setup(cfg: TransferConfig, task: str, batch_size: int = 1, voc_task: str | N
     started = time.time()
     seed_everything(cfg.seed)
     run = start_distributed(cfg.device, batch_size)
+    if hasattr(cfg, "amp"):  # in place, so the config a task writes says what it computed in, never "auto"
+        cfg.amp = resolve_amp(cfg.amp, run.device)
     out = Path(cfg.out) if cfg.out else default_out(task, cfg)
     if run.is_main:
         check_writable(out)

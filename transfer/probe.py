@@ -57,6 +57,7 @@ from torch.utils.data import DataLoader, Dataset
 from pretrain.config import field
 from pretrain.data import VOCDataset, skip_none_collate
 from pretrain.errors import run_cli
+from pretrain.precision import AMP_CHOICES, AMP_HELP
 from transfer.classify import centre_crop, eval_targets
 from transfer.experiment import Experiment, TransferConfig, calibration_batch, init_label, setup, write_results
 from transfer.metrics import classification_report, knn_vote_scores
@@ -109,7 +110,7 @@ class ProbeConfig(TransferConfig):
     input_size: int = field(227, "centre crop fed to the trunk")
     resize: int = field(256, "short side images are resized to before the centre crop")
     batch_size: int = field(64, "feature-extraction batch size")
-    amp: str = field("bf16", "feature extraction under autocast: none or bf16 (CPU or CUDA)", choices=("none", "bf16"))
+    amp: str = field("auto", "feature extraction under autocast: " + AMP_HELP, choices=AMP_CHOICES)
     channels_last: bool = field(True, "NHWC memory layout (faster convolutions with oneDNN and cuDNN)")
     workers: int = field(2, "data loader processes")
     strict_images: bool = field(False, "stop at the first unreadable image instead of skipping it")

@@ -1,0 +1,36 @@
+"""Which mixed precision a run uses: `--amp auto` picks bf16 only where the device computes it natively.
+
+On a CPU, oneDNN has bf16 convolution and matmul kernels only with AVX-512 (AMX makes them faster still); on
+an AVX2-only CPU it emulates bf16, and a context-encoder step runs about 12x slower than in fp32. So `auto`
+means bf16 on a CUDA GPU that supports it and on a CPU with native bf16, fp32 elsewhere. The resolved value,
+not `auto`, is what a run records in its config, so two runs that computed differently never share a config.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+AMP_CHOICES = ("auto", "none", "bf16")
+AMP_HELP = ("mixed precision: auto (bf16 where the device has it natively: a CUDA GPU with bf16, a CPU with "
+            "AVX-512 or AMX; else none), none (fp32) or bf16")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` runs bf16 convolutions natively (not emulated, which is slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # oneDNN's own test: AVX-512 core or better
+    return False
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """`amp` with `auto` replaced by what this device should use; an explicit bf16 that this device can only
+    emulate is kept (the user asked for it) with a warning."""
+    if amp == "auto":
+        return "bf16" if native_bf16(device) else "none"
+    if amp == "bf16" and not native_bf16(device):
+        warnings.warn(f"--amp bf16 on this {device.type} is emulated (no native bf16: an AVX2-only CPU or an old "
+                      f"GPU) and runs several times slower than --amp none; --amp auto picks for you", stacklevel=2)
+    return amp
