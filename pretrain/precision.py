@@ -1,9 +1,10 @@
 """Which mixed precision a run uses: `--amp auto` picks bf16 only where the device computes it natively.
 
-On a CPU, oneDNN has bf16 convolution and matmul kernels only with AVX-512 (AMX makes them faster still); on
-an AVX2-only CPU it emulates bf16, and a context-encoder step runs about 12x slower than in fp32. So `auto`
-means bf16 on a CUDA GPU that supports it and on a CPU with native bf16, fp32 elsewhere. The resolved value,
-not `auto`, is what a run records in its config, so two runs that computed differently never share a config.
+On a CPU, oneDNN has bf16 convolution and matmul kernels only with AVX-512 (AMX makes them faster still); on an
+AVX2-only CPU it emulates bf16, and a context-encoder step runs an order of magnitude slower than in fp32. So
+`auto` means bf16 on a CUDA GPU that supports it and on a CPU with native bf16, fp32 elsewhere. The resolved
+value, not `auto`, is what a run records in its config, so two runs that computed differently never share a
+config.
 """
 from __future__ import annotations
 
