@@ -40,7 +40,7 @@ def tiny_config(**overrides) -> DetectConfig:
 def test_cli_parses_tuples_and_defaults():
     cfg = parse_config(DetectConfig, ["--anchor-sizes", "16", "32", "--rescale", "false", "--epochs", "2"])
     assert cfg.anchor_sizes == (16, 32) and cfg.rescale is False and cfg.epochs == 2
-    assert cfg.feature == "conv5" and cfg.data == "builtin" and cfg.amp == "bf16"
+    assert cfg.feature == "conv5" and cfg.data == "builtin" and cfg.amp == "auto"
     assert (cfg.representation_size, cfg.rpn_post_nms_train, cfg.box_batch_size) == (512, 300, 32)
 
 
