@@ -12,6 +12,8 @@ import warnings
 
 import torch
 
+from pretrain.errors import BadOptionError
+
 AMP_CHOICES = ("auto", "none", "bf16")
 AMP_HELP = ("mixed precision: auto (bf16 where the device has it natively: a CUDA GPU with bf16, a CPU with "
             "AVX-512 or AMX; else none), none (fp32) or bf16")
@@ -27,11 +29,13 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
-    """`amp` with `auto` replaced by what this device should use; an explicit bf16 that this device can only
-    emulate is kept (the user asked for it) with a warning."""
+    """`amp` with `auto` replaced by what this device should use. An explicit bf16 that a CPU can only emulate is
+    kept (the user asked for it) with a warning; on a GPU without bf16 it is refused."""
     if amp == "auto":
         return "bf16" if native_bf16(device) else "none"
+    if amp == "bf16" and device.type == "cuda" and not native_bf16(device):
+        raise BadOptionError("--amp bf16: this GPU has no bfloat16 support; use --amp auto or none")
     if amp == "bf16" and not native_bf16(device):
-        warnings.warn(f"--amp bf16 on this {device.type} is emulated (no native bf16: an AVX2-only CPU or an old "
-                      f"GPU) and runs several times slower than --amp none; --amp auto picks for you", stacklevel=2)
+        warnings.warn("--amp bf16 on this CPU is emulated (it has no AVX-512 or AMX) and runs several times slower "
+                      "than --amp none; --amp auto picks for you", stacklevel=2)
     return amp

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pretrain import precision
+from pretrain.errors import BadOptionError
 from pretrain.main_pretrain import PretrainConfig
 from pretrain.main_pretrain import main as pretrain_main
 from transfer.experiment import FinetuneConfig, setup
@@ -32,6 +33,13 @@ def test_an_explicit_bf16_is_kept_and_warned_about_only_when_emulated(native, re
     assert precision.resolve_amp("bf16", CPU) == "bf16"
     warned = [w for w in recwarn if "emulated" in str(w.message)]
     assert len(warned) == (0 if native else 1)
+
+
+def test_an_explicit_bf16_on_a_gpu_without_it_is_refused_with_the_fix(monkeypatch):
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    with pytest.raises(BadOptionError, match="--amp auto or none"):
+        precision.resolve_amp("bf16", torch.device("cuda"))
+    assert precision.resolve_amp("auto", torch.device("cuda")) == "none"
 
 
 def test_native_bf16_agrees_with_onednn_on_this_cpu():

@@ -447,8 +447,6 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     exp = setup(cfg, "segment", cfg.batch_size, "segmentation", (cfg.train_split, cfg.test_split))
     run, device = exp.run, exp.device
-    if cfg.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise BadOptionError("--amp bf16: this GPU has no bfloat16 support; use --amp none")
     label = init_label(cfg.init)
     train_set = VOCDataset(exp.root, split=cfg.train_split, task="segmentation", strict=cfg.strict_images,
                            transform=SegmentationTransform(True, cfg.crop_size, (cfg.scale_min, cfg.scale_max)))
