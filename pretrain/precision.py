@@ -33,9 +33,10 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     kept (the user asked for it) with a warning; on a GPU without bf16 it is refused."""
     if amp == "auto":
         return "bf16" if native_bf16(device) else "none"
-    if amp == "bf16" and device.type == "cuda" and not native_bf16(device):
+    if amp != "bf16" or native_bf16(device):
+        return amp
+    if device.type == "cuda":
         raise BadOptionError("--amp bf16: this GPU has no bfloat16 support; use --amp auto or none")
-    if amp == "bf16" and not native_bf16(device):
-        warnings.warn("--amp bf16 on this CPU is emulated (it has no AVX-512 or AMX) and runs several times slower "
-                      "than --amp none; --amp auto picks for you", stacklevel=2)
+    warnings.warn("--amp bf16 on this CPU is emulated (it has no AVX-512 or AMX) and runs several times slower than "
+                  "--amp none; --amp auto picks for you", stacklevel=2)
     return amp
