@@ -200,6 +200,24 @@ def test_the_positive_control_passes_only_beyond_two_standard_deviations():
     assert run_all.control_verdict(collapsed, "classify", "mAP_11point") == "NOT DISCRIMINATING: supervised collapsed"
 
 
+def test_a_frozen_probe_of_a_pretrained_start_runs_one_seed_and_its_control_takes_randoms_spread():
+    assert run_all.seeds_of("object_probe", "supervised", [0, 1, 2]) == [0]  # deterministic given the trunk
+    assert run_all.seeds_of("object_probe", "random", [0, 1, 2]) == [0, 1, 2]  # the seed draws the trunk
+    assert run_all.seeds_of("classify", "supervised", [0, 1, 2]) == [0, 1, 2]  # fine-tuning: seeds vary it
+    random = _cells("object_probe", "random", "pool5/svm", [0.30, 0.32, 0.31])  # 31 +- 1
+    one_run = random + _cells("object_probe", "supervised", "pool5/svm", [0.50])
+    assert run_all.control_verdict(one_run, "object_probe", "pool5/svm") == "passes: +19.0 (2 std = 2.0)"
+    # a fine-tuned start still needs two seeds of its own
+    fine_tuned = _cells("classify", "random", "m", [0.30, 0.32]) + _cells("classify", "supervised", "m", [0.5])
+    assert run_all.control_verdict(fine_tuned, "classify", "m") == "–"
+    # cells of further seeds stored before (every seed used to run) stay out of the tables: they repeat seed 0
+    stored = [{**c, "seed": k} for k, c in enumerate(_cells("object_probe", "supervised", "pool5/svm", [0.5, 0.5, 0.5]))]
+    random_seeds = [{**c, "seed": k} for k, c in enumerate(random)]
+    kept = run_all.one_cell_per_seedless_pair(stored + random_seeds)
+    assert [(c["start"], c["seed"]) for c in kept] == [("supervised", 0), ("random", 0), ("random", 1), ("random", 2)]
+    assert run_all.table_entry(kept, "object_probe", "supervised", "pool5/svm") == "50.0"  # no ± 0.0 from repeats
+
+
 def test_the_summary_renders_only_the_invocations_the_runner_recorded(bench):
     log = bench.out / "cells" / "invocations.jsonl"
     log.parent.mkdir(parents=True)
