@@ -1,6 +1,7 @@
 """Run every (start x task x seed) comparison and collect pandas tables and plots in results/.
 
-    python benchmarks/run_all.py                       # the default preset: Table 2's starts, 2 seeds, no retrieval or whole-image probe
+    python benchmarks/run_all.py                       # the default preset: Table 2's starts, 2 seeds (no retrieval,
+                                                       # no whole-image probe)
     python benchmarks/run_all.py --preset full         # every variant and task, 3 seeds
     python benchmarks/run_all.py --quick               # a small preset (< 5 min), used by a test
     python benchmarks/run_all.py --data ../shared/data/camvid-voc --out results/camvid
@@ -129,12 +130,15 @@ STARTLESS_TASKS: dict[str, str] = {"colour_histogram": "colour-histogram"}
 FROZEN_TASKS = ("probe", "object_probe")
 
 
+def runs_one_seed(task: str, start: str) -> bool:
+    """Whether a (task, start) pair runs its first seed only: retrieval and start-free tasks (deterministic given
+    the init), and a frozen-trunk task on a pretrained start."""
+    return task == "retrieve" or task in STARTLESS_TASKS or (task in FROZEN_TASKS and start not in BASELINES)
+
+
 def seeds_of(task: str, start: str, seeds: list[int]) -> list[int]:
-    """The seeds a (task, start) pair runs: one for retrieval and start-free tasks (deterministic given the
-    init) and for a frozen-trunk task on a pretrained start; every seed otherwise."""
-    if task == "retrieve" or task in STARTLESS_TASKS or (task in FROZEN_TASKS and start not in BASELINES):
-        return seeds[:1]
-    return seeds
+    """The seeds a (task, start) pair runs (`runs_one_seed`: the first; else every one)."""
+    return seeds[:1] if runs_one_seed(task, start) else seeds
 
 # The files whose contents decide each task's numbers: its module and every project module it imports, directly
 # or not. A stored cell whose files hash differently from now is stale.
@@ -411,12 +415,12 @@ def judge_cells(out: Path, identity_of: Callable[[str, str, int], dict[str, Any]
 
 
 def one_cell_per_seedless_pair(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The cells for the tables: of a (task, start) pair that runs one seed (`seeds_of`), only its lowest stored
-    seed; cells of other seeds (e.g. a frozen probe of a pretrained start computed per seed before) stay on disk
-    but would repeat that number as if it were a spread."""
+    """The cells for the tables: of a (task, start) pair that runs one seed (`runs_one_seed`), only its lowest
+    stored seed; cells of other seeds (e.g. a frozen probe of a pretrained start computed per seed before) stay
+    on disk but would repeat that number as if it were a spread."""
     lowest: dict[tuple[str, str], int] = {}
     for c in cells:
-        if len(seeds_of(c["task"], c["start"], [0, 1])) == 1:
+        if runs_one_seed(c["task"], c["start"]):
             key = (c["task"], c["start"])
             lowest[key] = min(lowest.get(key, c["seed"]), c["seed"])
     return [c for c in cells if lowest.get((c["task"], c["start"]), c["seed"]) == c["seed"]]
@@ -478,7 +482,7 @@ def control_verdict(cells: list[dict[str, Any]], task: str, key: str) -> str:
     """Whether `task`'s score `key` tells the supervised start from the random one: "passes" when the supervised
     mean beats the random mean by more than two standard deviations (the larger of the two starts' sample std
     over seeds), else "NOT DISCRIMINATING" (also when a seed of either collapsed); "–" while either has fewer
-    than two finished seeds. A start that runs one seed of this task (`seeds_of`: a frozen probe of the
+    than two finished seeds. A start that runs one seed of this task (`runs_one_seed`: a frozen probe of the
     pretrained supervised start) needs one; the spread is then the other start's."""
     values = {}
     for start in (CONTROL, CONTROL_AGAINST):
@@ -486,7 +490,7 @@ def control_verdict(cells: list[dict[str, Any]], task: str, key: str) -> str:
         if any(c["status"] == "collapsed" for c in group):
             return f"NOT DISCRIMINATING: {start} collapsed"
         vals = [100 * c["scores"][key] for c in group if key in c["scores"]]
-        if len(vals) < min(2, len(seeds_of(task, start, [0, 1]))):
+        if len(vals) < (1 if runs_one_seed(task, start) else 2):
             return "–"
         values[start] = vals
     good, rand = values[CONTROL], values[CONTROL_AGAINST]
@@ -667,8 +671,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--work", default="", help="folder for checkpoints and task outputs (default runs/benchmark/<out>)")
     parser.add_argument("--preset", default="default", choices=list(PRESETS),
                         help="default: the context encoder, autoencoder and supervised starts plus the random baselines, "
-                             "2 seeds, every task but retrieval and the whole-image probe; full: every variant and task, 3 seeds, the same "
-                             "recipes; quick: tiny budgets, for smoke tests")
+                             "2 seeds, every task but retrieval and the whole-image probe; full: every variant and "
+                             "task, 3 seeds, the same recipes; quick: tiny budgets, for smoke tests")
     parser.add_argument("--quick", action="store_true", help="the same as --preset quick")
     parser.add_argument("--seeds", type=int, default=0, help="seeds per (start, task) (default: the preset's)")
     parser.add_argument("--only", nargs="*", default=[], help="variants=.. tasks=.. seeds=.. starts=.. filters")
@@ -784,7 +788,7 @@ def compute_by_task(cells: list[dict[str, Any]], seeds: int, n_variants: int, ta
     n_starts = n_variants + len(BASELINES)
     full_cells = {"pretrain": n_variants, "retrieve": n_starts + 1,  # retrieval: one seed, plus HOG
                   **{task: 1 for task in STARTLESS_TASKS},
-                  **{task: n_variants + len(BASELINES) * seeds for task in FROZEN_TASKS}}  # seeds_of
+                  **{task: n_variants + len(BASELINES) * seeds for task in FROZEN_TASKS}}  # runs_one_seed
     total_estimate = 0.0
     for task in ["pretrain", *tasks]:
         # the median, so a cell that only re-evaluated a reused pretraining run does not skew the rate

@@ -211,7 +211,8 @@ def test_a_frozen_probe_of_a_pretrained_start_runs_one_seed_and_its_control_take
     fine_tuned = _cells("classify", "random", "m", [0.30, 0.32]) + _cells("classify", "supervised", "m", [0.5])
     assert run_all.control_verdict(fine_tuned, "classify", "m") == "–"
     # cells of further seeds stored before (every seed used to run) stay out of the tables: they repeat seed 0
-    stored = [{**c, "seed": k} for k, c in enumerate(_cells("object_probe", "supervised", "pool5/svm", [0.5, 0.5, 0.5]))]
+    repeats = _cells("object_probe", "supervised", "pool5/svm", [0.5, 0.5, 0.5])
+    stored = [{**c, "seed": k} for k, c in enumerate(repeats)]
     random_seeds = [{**c, "seed": k} for k, c in enumerate(random)]
     kept = run_all.one_cell_per_seedless_pair(stored + random_seeds)
     assert [(c["start"], c["seed"]) for c in kept] == [("supervised", 0), ("random", 0), ("random", 1), ("random", 2)]
