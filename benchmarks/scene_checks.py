@@ -49,7 +49,7 @@ POOLED_LAYERS = ("conv3", "conv5", "pool5")
 
 
 def load_classifier(path: str, classes: tuple[str, ...]) -> tuple[SupervisedClassifier, str]:
-    """The supervised run's whole classifier (trunk, fc6/fc7, head) in eval mode, and 'file (step N)'."""
+    """The supervised run's whole classifier (trunk, fc6/fc7, head) in eval mode, and 'run folder/file (step N)'."""
     ckpt, source = load_checkpoint(path)
     config = ckpt["config"]
     if config.get("objective") != "supervised":
@@ -57,7 +57,7 @@ def load_classifier(path: str, classes: tuple[str, ...]) -> tuple[SupervisedClas
                              f"these checks need a supervised run (python -m pretrain --objective supervised)")
     model = SupervisedClassifier(build_encoder(config.get("encoder", "alexnet")), classes, config.get("crop_size", 227))
     model.load_state_dict(ckpt["model"])
-    return model.eval(), f"{source.name} (step {checkpoint_step(ckpt, source)})"
+    return model.eval(), f"{source.parent.name}/{source.name} (step {checkpoint_step(ckpt, source)})"
 
 
 @torch.no_grad()
