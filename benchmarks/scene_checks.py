@@ -28,7 +28,6 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import average_precision_score
 from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -42,6 +41,7 @@ from pretrain.models import build_encoder  # noqa: E402
 from pretrain.provenance import git_commit  # noqa: E402
 from pretrain.supervised import SupervisedClassifier  # noqa: E402
 from transfer.classify import centre_crop  # noqa: E402
+from transfer.metrics import classification_map  # noqa: E402
 from transfer.trunk import build_trunk  # noqa: E402
 
 CONTEXTS = (1.3, 2.0, 3.0)
@@ -67,10 +67,9 @@ def batched(fn, images: list, batch: int = 50) -> np.ndarray:
                       for i in range(0, len(images), batch)]).numpy()
 
 
-def mean_ap(labels: np.ndarray, scores: np.ndarray) -> float:
-    """All-point mAP over the classes with a positive (labels, scores: (N, C))."""
-    return float(np.mean([average_precision_score(labels[:, c], scores[:, c])
-                          for c in range(labels.shape[1]) if labels[:, c].any()]))
+def mean_ap(targets: np.ndarray, scores: np.ndarray) -> float:
+    """All-point VOC mAP over the classes with a positive; targets (N, C) in {1, 0, -1: ignored}."""
+    return classification_map(scores, targets.astype(np.int64), method="all_point")["mAP"]
 
 
 def crop_rows(model: SupervisedClassifier, root: Path, split: str, max_objects: int) -> list[dict]:
@@ -79,7 +78,7 @@ def crop_rows(model: SupervisedClassifier, root: Path, split: str, max_objects: 
         crops = ObjectCrops(root, split, context=context, strict=True)
         picked = np.linspace(0, len(crops) - 1, min(max_objects, len(crops))).round().astype(int)
         images, targets = zip(*(crops[int(k)] for k in picked))
-        labels = np.stack([t.numpy() for t in targets]) > 0  # (N, C) one-hot
+        labels = np.stack([t.numpy() for t in targets])  # (N, C) one-hot
         scores = batched(model, list(images))  # (N, C)
         rows.append({"check": f"own classifier, object crops at {context:g}x context", "trunk": "supervised",
                      "images": len(images), "top-1 (%)": 100 * float(labels[np.arange(len(labels)), scores.argmax(1)].mean()),
@@ -99,7 +98,7 @@ def logistic_map(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
     """All-point mAP of one logistic regression per class (standardised features), over the classes with both
     labels in training."""
     scaler = StandardScaler().fit(train_x)
-    fit = [c for c in range(train_y.shape[1]) if 0 < train_y[:, c].sum() < len(train_y)]
+    fit = [c for c in range(train_y.shape[1]) if 0 < train_y[:, c].sum() < len(train_y)]  # both labels present
     scores = np.stack([LogisticRegression(C=0.1, max_iter=2000).fit(scaler.transform(train_x), train_y[:, c])
                        .decision_function(scaler.transform(test_x)) for c in fit], 1)  # (N, len(fit))
     return mean_ap(test_y[:, fit], scores)
@@ -130,8 +129,9 @@ def main(args: SceneChecksConfig) -> pd.DataFrame:
 
     rows = crop_rows(model, root, args.test_split, args.max_objects)
     test_images = [test[i][0] for i in range(len(test))]
-    test_y = test.labels > 0  # (N, C)
-    prior = 100 * float(test_y[:, test_y.any(0)].mean())
+    test_y = test.labels  # (N, C) in {1, 0, -1: difficult only, ignored}
+    positive = test_y > 0
+    prior = 100 * float(positive[:, positive.any(0)].mean())
     rows.append({"check": "own classifier, whole images", "trunk": "supervised", "images": len(test_images),
                  "top-1 (%)": float("nan"), "mAP (%)": 100 * mean_ap(test_y, batched(model, test_images)),
                  "chance or prior (%)": prior})
@@ -153,8 +153,9 @@ def main(args: SceneChecksConfig) -> pd.DataFrame:
     (out / "scene_checks.md").write_text(
         f"# Scene checks of the supervised control on {data_label}\n\n"
         f"`benchmarks/scene_checks.py` (its docstring says what each check asks), commit {git_commit()}, the "
-        f"control's checkpoint {source}; split {args.test_split}, no fine-tuning. Top-1 and mAP in %, mAP all-point; the last "
-        f"column is chance (1 / classes) for crops and the label prior for whole images.\n\n"
+        f"control's checkpoint {source}; split {args.test_split}, no fine-tuning. Top-1 and mAP in %, mAP all-point "
+        f"(VOC; difficult-only labels ignored); the last column is chance (1 / classes) for crops and the label "
+        f"prior for whole images.\n\n"
         f"{table.to_markdown(index=False)}\n")
     print(table.to_string(index=False))
     return table
