@@ -122,6 +122,7 @@ def main(args: SceneChecksConfig) -> pd.DataFrame:
     if not args.init:
         raise BadOptionError("--init: give the supervised run to check, e.g. runs/<name>/ from python -m pretrain "
                              "--objective supervised")
+    commit = git_commit()  # before this run rewrites its own tables, which would read as a dirty tree
     torch.manual_seed(args.seed)
     root = resolve_voc_root(args.data, args.data_cache or None)
     train, test = VOCDataset(root, args.train_split, strict=True), VOCDataset(root, args.test_split, strict=True)
@@ -152,7 +153,7 @@ def main(args: SceneChecksConfig) -> pd.DataFrame:
     data_label = "the built-in data" if args.data == "builtin" else Path(args.data).name
     (out / "scene_checks.md").write_text(
         f"# Scene checks of the supervised control on {data_label}\n\n"
-        f"`benchmarks/scene_checks.py` (its docstring says what each check asks), commit {git_commit()}, the "
+        f"`benchmarks/scene_checks.py` (its docstring says what each check asks), commit {commit}, the "
         f"control's checkpoint {source}; split {args.test_split}, no fine-tuning. Top-1 and mAP in %, mAP all-point "
         f"(VOC; difficult-only labels ignored); the last column is chance (1 / classes) for crops and the label "
         f"prior for whole images.\n\n"
