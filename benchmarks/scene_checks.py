@@ -9,8 +9,8 @@ Where a whole-scene measure (classification, segmentation, the whole-image probe
 filters, this asks why, with the control's own classifier and frozen features, no fine-tuning:
 
 - its classifier on the evaluation set's object crops, the box widened to a square of 1.3x (as it was trained),
-  2x and 3x its longer side: top-1 accuracy and all-point mAP against chance (1 / classes). A drop with context
-  means it recognises objects at one scale only;
+  2x and 3x its longer side: top-1 accuracy and all-point mAP against chance (1 / the classes among the
+  crops). A drop with context means it recognises objects at one scale only;
 - its classifier on whole test images (centre crop of the short side resized to 256): all-point mAP against
   the label prior (the frequency of a class among the images, what a constant ranking scores);
 - a logistic regression per class on globally max-pooled frozen features of whole images (conv3, conv5,
@@ -82,7 +82,8 @@ def crop_rows(model: SupervisedClassifier, root: Path, split: str, max_objects: 
         scores = batched(model, list(images))  # (N, C)
         rows.append({"check": f"own classifier, object crops at {context:g}x context", "trunk": "supervised",
                      "images": len(images), "top-1 (%)": 100 * float(labels[np.arange(len(labels)), scores.argmax(1)].mean()),
-                     "mAP (%)": 100 * mean_ap(labels, scores), "chance or prior (%)": 100 / labels.shape[1]})
+                     "mAP (%)": 100 * mean_ap(labels, scores),
+                     "chance or prior (%)": 100 / int(labels.any(0).sum())})  # 1 / the classes among the crops
     return rows
 
 
@@ -155,8 +156,8 @@ def main(args: SceneChecksConfig) -> pd.DataFrame:
         f"# Scene checks of the supervised control on {data_label}\n\n"
         f"`benchmarks/scene_checks.py` (its docstring says what each check asks), commit {commit}, the "
         f"control's checkpoint {source}; split {args.test_split}, no fine-tuning. Top-1 and mAP in %, mAP all-point "
-        f"(VOC; difficult-only labels ignored); the last column is chance (1 / classes) for crops and the label "
-        f"prior for whole images.\n\n"
+        f"(VOC; difficult-only labels ignored); the last column is chance (1 / the classes among the crops) for "
+        f"crops and the label prior for whole images.\n\n"
         f"{table.to_markdown(index=False)}\n")
     print(table.to_string(index=False))
     return table
