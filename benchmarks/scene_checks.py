@@ -23,6 +23,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -61,10 +62,13 @@ def load_classifier(path: str, classes: tuple[str, ...]) -> tuple[SupervisedClas
 
 
 @torch.no_grad()
-def batched(fn, images: list, batch: int = 50) -> np.ndarray:
-    """fn over the stacked centre crops of PIL images, in batches -> (N, ...) numpy."""
-    return torch.cat([fn(torch.cat([centre_crop(im) for im in images[i:i + batch]]))
-                      for i in range(0, len(images), batch)]).numpy()
+def batched(fn, images: list, batch: int = 50) -> Any:
+    """fn over the stacked centre crops of PIL images, in batches: (N, ...) numpy, or a tuple of them when fn
+    returns a tuple of tensors."""
+    outs = [fn(torch.cat([centre_crop(im) for im in images[i:i + batch]])) for i in range(0, len(images), batch)]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts).numpy() for parts in zip(*outs))
+    return torch.cat(outs).numpy()
 
 
 def mean_ap(targets: np.ndarray, scores: np.ndarray) -> float:
@@ -90,9 +94,8 @@ def crop_rows(model: SupervisedClassifier, root: Path, split: str, max_objects: 
 def pooled_features(trunk: torch.nn.Module, images: list) -> dict[str, np.ndarray]:
     """{layer: (N, channels)} global max over each feature map of POOLED_LAYERS."""
     trunk.eval()
-    out = batched(lambda x: torch.cat([f.amax((2, 3)) for f in trunk(x, list(POOLED_LAYERS))], 1), images)
-    widths = [f.shape[1] for f in trunk(torch.zeros(1, 3, 227, 227), list(POOLED_LAYERS))]
-    return dict(zip(POOLED_LAYERS, np.split(out, np.cumsum(widths)[:-1], axis=1)))
+    return dict(zip(POOLED_LAYERS, batched(lambda x: tuple(f.amax((2, 3)) for f in trunk(x, list(POOLED_LAYERS))),
+                                           images)))
 
 
 def logistic_map(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
