@@ -74,6 +74,10 @@ class PretrainConfig:
     supervised_crops: bool = field(True, "--objective supervised on a VOC-layout set ('builtin' included): every "
                                          "object's box (with some context) is an image labelled with its class, an "
                                          "object-centric set as ImageNet is; false: whole images with their image labels")
+    supervised_max_context: float = field(1.3, "with --supervised-crops, each training crop's side is drawn "
+                                               "log-uniformly from 1.3 to this many times the object's longer side, "
+                                               "the object placed at random inside it (1.3: every crop centred at "
+                                               "1.3x; held-out crops stay centred at 1.3x)")
     supervised_lr: float = field(1e-4, "Adam learning rate of --objective supervised (--lr is the context "
                                        "encoder's)")
     lr_d_ratio: float = field(0.1, "discriminator lr = lr x this (paper: generator 10x the discriminator)")
@@ -175,7 +179,8 @@ def build_data(cfg: PretrainConfig, rank: int, world_size: int, start_step: int)
 
 def _labelled_sets(cfg: PretrainConfig) -> tuple[LabelledCropDataset, LabelledCropDataset]:
     labelled = open_labelled_images(cfg.data, cache_dir=cfg.data_cache or None, builtin_images=cfg.builtin_images,
-                                    strict=cfg.strict_images, object_crops=cfg.supervised_crops)
+                                    strict=cfg.strict_images, object_crops=cfg.supervised_crops,
+                                    max_context=cfg.supervised_max_context)
     _check_held_out(cfg, labelled.held_out)
     common = {"crop_size": cfg.crop_size, "resize": max(cfg.resize, cfg.crop_size), "seed": cfg.seed}
     return (LabelledCropDataset(labelled.train, train=True, **common),
@@ -215,6 +220,9 @@ def main(cfg: PretrainConfig) -> dict[str, float]:
     if cfg.objective == "supervised" and cfg.model != "alexnet":
         raise UserError(f"--objective supervised trains --model alexnet's trunk, not {cfg.model}; "
                         f"drop --model or pass --model alexnet")
+    if cfg.supervised_max_context < 1.3:
+        raise UserError(f"--supervised-max-context {cfg.supervised_max_context} is below the fixed crops' 1.3; "
+                        f"pass 1.3 (centred crops) or more")
     if cfg.amp == "fp16" and device.type != "cuda":
         raise UserError("--amp fp16 needs CUDA; on a CPU use --amp auto, bf16 or none")
     # before the resume check: a run folder records what was computed, never 'auto'

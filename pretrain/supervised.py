@@ -17,6 +17,7 @@ from sklearn.metrics import average_precision_score
 from torch import nn
 from torch.utils.data import Dataset
 
+from pretrain.data import ObjectCrops
 from pretrain.dataset import crop_and_flip, sample_generator
 from pretrain.engine import autocast
 
@@ -64,11 +65,12 @@ class LabelledCropDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]):
         epoch, index = key if isinstance(key, tuple) else (0, key)  # StreamSampler gives (epoch, index)
-        item = self.images[index]
+        g = sample_generator(self.seed, epoch if self.train else -1, index)
+        # object crops draw their context and placement from the same generator when training
+        item = self.images.draw(index, g) if self.train and isinstance(self.images, ObjectCrops) else self.images[index]
         if item is None:
             return None
         image, labels = item
-        g = sample_generator(self.seed, epoch if self.train else -1, index)
         return {"input": crop_and_flip(image, self.resize, self.crop_size, g, self.train), "labels": labels}
 
 

@@ -109,6 +109,31 @@ def test_object_crops_are_every_non_difficult_object_labelled_with_its_class(tin
     assert len(ObjectCrops(tiny_voc, "val")) == 2
 
 
+def test_drawn_object_crops_vary_in_scale_and_place_but_always_hold_the_object(tiny_voc):
+    fixed = ObjectCrops(tiny_voc, "train")
+    g = torch.Generator().manual_seed(0)
+    assert fixed.draw(1, g)[0].size == fixed[1][0].size  # max_context == context: the centred crop ...
+    assert torch.equal(torch.rand(1, generator=g), torch.rand(1, generator=torch.Generator().manual_seed(0)))  # ... g untouched
+    crops = ObjectCrops(tiny_voc, "train", max_context=3.0)
+    sides, centres = [], set()
+    for seed in range(40):
+        for k in range(len(crops)):
+            x1, y1, x2, y2 = crops.objects[k][1]
+            left, top, right, bottom = crops.square(k, 64, 48, torch.Generator().manual_seed(seed))  # tiny_voc: 64x48
+            side = max(x2 - x1, y2 - y1)
+            assert abs((right - left) - (bottom - top)) <= 1 and 1.3 * side - 1 <= right - left <= 3.0 * side + 1
+            assert left <= x1 + 1 and top <= y1 + 1 and right >= x2 - 1 and bottom >= y2 - 1  # the object is inside
+            if right - left <= 48:
+                assert 0 <= top and bottom <= 48  # fits: no black border
+            sides.append(right - left)
+            centres.add((k, round((left + right) / 2 - (x1 + x2) / 2)))
+    assert max(sides) > 2 * min(sides) and len(centres) > 3 * len(crops)
+    same = [crops.square(0, 64, 48, torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert same[0] == same[1]  # a pure function of the generator: resumes see the same crops
+    with pytest.raises(ValueError, match="below context"):
+        ObjectCrops(tiny_voc, "train", max_context=1.0)
+
+
 def test_image_folder_labels_are_the_subfolders(tmp_path, tiny_voc):
     jpegs = sorted((tiny_voc / "VOC2007" / "JPEGImages").glob("*.jpg"))
     for i, path in enumerate(jpegs):

@@ -111,13 +111,14 @@ class LabelledImages:
 
 
 def open_labelled_images(data: str, cache_dir: str | Path | None = None, builtin_images: int = 2000,
-                         strict: bool = False, object_crops: bool = True) -> LabelledImages:
+                         strict: bool = False, object_crops: bool = True, max_context: float = 1.3) -> LabelledImages:
     """Labelled training and held-out images for supervised pretraining.
 
     `builtin`: the built-in *pretraining* set (`builtin_pretraining_root`: the evaluation set's generator and
     classes from another seed, no image file in common with it), its train and val splits. A VOC root: its
     train and val splits. For both, `object_crops` makes every object its own image with its class as the label
-    (`ObjectCrops`, an object-centric set as ImageNet is), else each whole image has its multi-hot image labels.
+    (`ObjectCrops`, an object-centric set as ImageNet is; training crops drawn with up to `max_context` times the
+    object's side, held-out ones centred at 1.3x), else each whole image has its multi-hot image labels.
     A folder of class subfolders (ImageFolder): each image labelled with its folder, every 20th file held out.
     """
     if data == "builtin":
@@ -127,7 +128,8 @@ def open_labelled_images(data: str, cache_dir: str | Path | None = None, builtin
     if not root.exists():
         raise DatasetNotFoundError(root, "'builtin', a VOC root, or a folder of class subfolders of images")
     if (data == "builtin" or _is_voc(root)) and object_crops:
-        train, held_out = ObjectCrops(root, "train", strict=strict), ObjectCrops(root, "val", strict=strict)
+        train = ObjectCrops(root, "train", strict=strict, max_context=max_context)
+        held_out = ObjectCrops(root, "val", strict=strict)
         return LabelledImages(train, held_out, tuple(train.classes))
     if data == "builtin" or _is_voc(root):
         train = VOCDataset(root, split="train", task="classification", strict=strict)

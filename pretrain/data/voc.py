@@ -532,11 +532,20 @@ class ObjectCrops(Dataset):
     The crop is the object's box widened to a square of `context` times its longer side around the box centre
     (outside the image is black), so the object fills most of the crop whatever its size in the scene.
     `image_index[k]` is the index in `images` of crop k's image.
+
+    `draw(k, g)` is the training view when `max_context` > `context`: the square's side is drawn log-uniformly
+    from [context, max_context] times the object's longer side, the object is placed at random inside it, and
+    the square is moved inside the image where it fits (so the object is seen at several scales and positions,
+    without a black border the scenes never have).
     """
 
-    def __init__(self, root: str | Path, split: str = "train", context: float = 1.3, strict: bool = False):
+    def __init__(self, root: str | Path, split: str = "train", context: float = 1.3, strict: bool = False,
+                 max_context: float | None = None):
         self.images = VOCDataset(root, split=split, task="detection", strict=strict)
         self.classes, self.context = self.images.classes, context
+        self.max_context = context if max_context is None else max_context
+        if self.max_context < context:
+            raise ValueError(f"max_context {max_context} is below context {context}")
         self.objects: list[tuple[int, np.ndarray, int]] = []  # (image index, box x1y1x2y2, class)
         for i in range(len(self.images)):
             target = self.images.target(i)
@@ -550,13 +559,38 @@ class ObjectCrops(Dataset):
         return len(self.objects)
 
     def __getitem__(self, k: int) -> Any:
-        i, (x1, y1, x2, y2), label = self.objects[k]
+        return self._crop(k, None)
+
+    def draw(self, k: int, g: torch.Generator) -> Any:
+        """Crop k with its context and placement drawn from `g` (nothing is drawn when max_context == context,
+        so the fixed crop then leaves `g` as it was)."""
+        return self._crop(k, g if self.max_context > self.context else None)
+
+    def _crop(self, k: int, g: torch.Generator | None) -> Any:
+        i, _, label = self.objects[k]
         image = load_rgb_or_skip(self.images.image_path(i), self.images.min_size, self.images.strict)
         if image is None:
             return None
-        half = self.context * max(x2 - x1, y2 - y1) / 2
-        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-        crop = image.crop((round(cx - half), round(cy - half), round(cx + half), round(cy + half)))
+        crop = image.crop(self.square(k, *image.size, g))
         target = torch.zeros(len(self.classes), dtype=torch.float32)  # (C,)
         target[label] = 1.0
         return crop, target
+
+    def square(self, k: int, width: int, height: int, g: torch.Generator | None = None) -> tuple[int, int, int, int]:
+        """Crop k's square (left, top, right, bottom) in an image of `width` x `height`: centred on the box at
+        `context` without `g`, drawn from `g` as `draw` says with it."""
+        x1, y1, x2, y2 = self.objects[k][1]
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        if g is None:
+            half = self.context * max(x2 - x1, y2 - y1) / 2
+        else:
+            u = torch.rand(3, generator=g).tolist()  # context, x placement, y placement
+            context = self.context * (self.max_context / self.context) ** u[0]  # log-uniform
+            half = context * max(x2 - x1, y2 - y1) / 2
+            cx += (2 * u[1] - 1) * (half - (x2 - x1) / 2)  # the box stays inside the square
+            cy += (2 * u[2] - 1) * (half - (y2 - y1) / 2)
+            if 2 * half <= width:  # moving the square inside the image keeps the box inside it
+                cx = min(max(cx, half), width - half)
+            if 2 * half <= height:
+                cy = min(max(cy, half), height - half)
+        return round(cx - half), round(cy - half), round(cx + half), round(cy + half)
