@@ -78,6 +78,9 @@ class PretrainConfig:
                                                "log-uniformly from 1.3 to this many times the object's longer side, "
                                                "the object placed at random inside it (1.3: every crop centred at "
                                                "1.3x; held-out crops stay centred at 1.3x)")
+    supervised_centred_steps: int = field(0, "with --supervised-max-context: train on centred 1.3x crops for "
+                                             "about this many steps first (rounded up to whole passes over the "
+                                             "crops), then on drawn ones")
     supervised_lr: float = field(1e-4, "Adam learning rate of --objective supervised (--lr is the context "
                                        "encoder's)")
     lr_d_ratio: float = field(0.1, "discriminator lr = lr x this (paper: generator 10x the discriminator)")
@@ -183,7 +186,8 @@ def _labelled_sets(cfg: PretrainConfig) -> tuple[LabelledCropDataset, LabelledCr
                                     max_context=cfg.supervised_max_context)
     _check_held_out(cfg, labelled.held_out)
     common = {"crop_size": cfg.crop_size, "resize": max(cfg.resize, cfg.crop_size), "seed": cfg.seed}
-    return (LabelledCropDataset(labelled.train, train=True, **common),
+    centred_epochs = math.ceil(cfg.supervised_centred_steps * cfg.batch_size / len(labelled.train))
+    return (LabelledCropDataset(labelled.train, train=True, centred_epochs=centred_epochs, **common),
             LabelledCropDataset(labelled.held_out, train=False, **common))
 
 
@@ -220,6 +224,8 @@ def main(cfg: PretrainConfig) -> dict[str, float]:
     if cfg.objective == "supervised" and cfg.model != "alexnet":
         raise UserError(f"--objective supervised trains --model alexnet's trunk, not {cfg.model}; "
                         f"drop --model or pass --model alexnet")
+    if cfg.supervised_centred_steps < 0:
+        raise UserError(f"--supervised-centred-steps {cfg.supervised_centred_steps} is negative; pass 0 or more")
     if cfg.supervised_max_context < 1.3:
         raise UserError(f"--supervised-max-context {cfg.supervised_max_context} is below the fixed crops' 1.3; "
                         f"pass 1.3 (centred crops) or more")

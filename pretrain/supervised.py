@@ -57,8 +57,9 @@ class LabelledCropDataset(Dataset):
     items the centre crop."""
 
     def __init__(self, images: Dataset, crop_size: int = 227, resize: int = 256, seed: int = 0,
-                 train: bool = True) -> None:
+                 train: bool = True, centred_epochs: int = 0) -> None:
         self.images, self.crop_size, self.resize, self.seed, self.train = images, crop_size, resize, seed, train
+        self.centred_epochs = centred_epochs  # object crops: passes of fixed, centred crops before drawn ones
 
     def __len__(self) -> int:
         return len(self.images)  # type: ignore[arg-type]
@@ -67,7 +68,8 @@ class LabelledCropDataset(Dataset):
         epoch, index = key if isinstance(key, tuple) else (0, key)  # StreamSampler gives (epoch, index)
         g = sample_generator(self.seed, epoch if self.train else -1, index)
         # object crops draw their context and placement from the same generator when training
-        item = self.images.draw(index, g) if self.train and isinstance(self.images, ObjectCrops) else self.images[index]
+        drawn = self.train and isinstance(self.images, ObjectCrops) and epoch >= self.centred_epochs
+        item = self.images.draw(index, g) if drawn else self.images[index]
         if item is None:
             return None
         image, labels = item

@@ -134,6 +134,18 @@ def test_drawn_object_crops_vary_in_scale_and_place_but_always_hold_the_object(t
         ObjectCrops(tiny_voc, "train", max_context=1.0)
 
 
+def test_centred_epochs_come_first_then_the_drawn_crops(tiny_voc):
+    drawn = ObjectCrops(tiny_voc, "train", max_context=3.0)
+    common = {"crop_size": 32, "resize": 40, "seed": 0, "train": True}
+    curriculum = LabelledCropDataset(drawn, centred_epochs=1, **common)
+    always_drawn = LabelledCropDataset(drawn, **common)
+    centred = LabelledCropDataset(ObjectCrops(tiny_voc, "train"), **common)
+    keys = range(len(drawn))
+    assert all(torch.equal(curriculum[(0, k)]["input"], centred[(0, k)]["input"]) for k in keys)
+    assert not all(torch.equal(curriculum[(0, k)]["input"], always_drawn[(0, k)]["input"]) for k in keys)
+    assert all(torch.equal(curriculum[(1, k)]["input"], always_drawn[(1, k)]["input"]) for k in keys)
+
+
 def test_image_folder_labels_are_the_subfolders(tmp_path, tiny_voc):
     jpegs = sorted((tiny_voc / "VOC2007" / "JPEGImages").glob("*.jpg"))
     for i, path in enumerate(jpegs):
