@@ -31,7 +31,14 @@ from pretrain.checkpoint import (
     save_checkpoint,
 )
 from pretrain.config import field
-from pretrain.data import check_images_readable, image_paths, open_labelled_images, open_pretraining_images, skip_none_collate
+from pretrain.data import (
+    OBJECT_CONTEXT,
+    check_images_readable,
+    image_paths,
+    open_labelled_images,
+    open_pretraining_images,
+    skip_none_collate,
+)
 from pretrain.dataset import InpaintingDataset, StreamSampler
 from pretrain.distributed import all_reduce_mean, broadcast_from_main, init_distributed, is_main_process
 from pretrain.engine import evaluate, save_sample_grid, train_step
@@ -74,7 +81,7 @@ class PretrainConfig:
     supervised_crops: bool = field(True, "--objective supervised on a VOC-layout set ('builtin' included): every "
                                          "object's box (with some context) is an image labelled with its class, an "
                                          "object-centric set as ImageNet is; false: whole images with their image labels")
-    supervised_max_context: float = field(1.3, "with --supervised-crops, each training crop's side is drawn "
+    supervised_max_context: float = field(OBJECT_CONTEXT, "with --supervised-crops, each training crop's side is drawn "
                                                "log-uniformly from 1.3 to this many times the object's longer side, "
                                                "the object placed at random inside it (1.3: every crop centred at "
                                                "1.3x; held-out crops stay centred at 1.3x)")
@@ -226,9 +233,9 @@ def main(cfg: PretrainConfig) -> dict[str, float]:
                         f"drop --model or pass --model alexnet")
     if cfg.supervised_centred_steps < 0:
         raise UserError(f"--supervised-centred-steps {cfg.supervised_centred_steps} is negative; pass 0 or more")
-    if cfg.supervised_max_context < 1.3:
-        raise UserError(f"--supervised-max-context {cfg.supervised_max_context} is below the fixed crops' 1.3; "
-                        f"pass 1.3 (centred crops) or more")
+    if cfg.supervised_max_context < OBJECT_CONTEXT:
+        raise UserError(f"--supervised-max-context {cfg.supervised_max_context} is below the fixed crops' "
+                        f"{OBJECT_CONTEXT}; pass {OBJECT_CONTEXT} (centred crops) or more")
     if cfg.amp == "fp16" and device.type != "cuda":
         raise UserError("--amp fp16 needs CUDA; on a CPU use --amp auto, bf16 or none")
     # before the resume check: a run folder records what was computed, never 'auto'

@@ -25,10 +25,11 @@ from pretrain.data.images import (
     skip_none_collate,
 )
 from pretrain.data.synthetic import builtin_pretraining_root, builtin_voc_root
-from pretrain.data.voc import ObjectCrops, VOCDataset, VOCInfo, find_year_dir, read_voc_info, validate_voc_split
+from pretrain.data.voc import OBJECT_CONTEXT, ObjectCrops, VOCDataset, VOCInfo, find_year_dir, read_voc_info, validate_voc_split
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DatasetFormatError", "DatasetNotFoundError", "ImageFolderDataset",
-           "LabelledImageFolder", "LabelledImages", "ObjectCrops", "UnreadableImageError", "VOCDataset", "VOCInfo",
+           "LabelledImageFolder", "LabelledImages", "OBJECT_CONTEXT", "ObjectCrops", "UnreadableImageError", "VOCDataset",
+           "VOCInfo",
            "builtin_pretraining_root", "builtin_voc_root", "check_images_readable", "find_year_dir", "image_paths",
            "list_images", "load_rgb", "open_labelled_images", "open_pretraining_images", "read_voc_info",
            "resolve_voc_root", "skip_none_collate", "validate_voc_split"]
@@ -111,7 +112,8 @@ class LabelledImages:
 
 
 def open_labelled_images(data: str, cache_dir: str | Path | None = None, builtin_images: int = 2000,
-                         strict: bool = False, object_crops: bool = True, max_context: float = 1.3) -> LabelledImages:
+                         strict: bool = False, object_crops: bool = True,
+                         max_context: float = OBJECT_CONTEXT) -> LabelledImages:
     """Labelled training and held-out images for supervised pretraining.
 
     `builtin`: the built-in *pretraining* set (`builtin_pretraining_root`: the evaluation set's generator and

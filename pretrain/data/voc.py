@@ -525,6 +525,9 @@ def validate_voc_split(root: str | Path, split: str, task: str, year: int | str 
     return len(ids)
 
 
+OBJECT_CONTEXT = 1.3  # an object crop's side over the object's longer side: the object fills most of it
+
+
 class ObjectCrops(Dataset):
     """Every non-difficult object of a VOC split as its own labelled image, like an object-centric set (ImageNet):
     items are `(PIL RGB crop, float32 (C,) one-hot label)`, or None for a skipped unreadable image.
@@ -539,7 +542,7 @@ class ObjectCrops(Dataset):
     without a black border the scenes never have).
     """
 
-    def __init__(self, root: str | Path, split: str = "train", context: float = 1.3, strict: bool = False,
+    def __init__(self, root: str | Path, split: str = "train", context: float = OBJECT_CONTEXT, strict: bool = False,
                  max_context: float | None = None):
         self.images = VOCDataset(root, split=split, task="detection", strict=strict)
         self.classes, self.context = self.images.classes, context
