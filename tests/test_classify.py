@@ -16,6 +16,7 @@ from transfer.classify import (
     Classifier,
     ClassifyConfig,
     eval_targets,
+    label_prior_init_,
     main,
     masked_bce,
     random_resized_crop_box,
@@ -65,6 +66,20 @@ def test_classifier_head_shapes_and_masked_loss():
     valid[1] = True  # both entries of row 2 count: 2 * log(2) summed over classes, / 2 images
     assert abs(masked_bce(logits, labels, valid).item() - math.log(2)) < 1e-4
     assert [m.out_features for m in model.new_layers()] == [64, 64, 5]
+
+
+def test_label_prior_init_starts_at_the_prior_loss():
+    # 4 images, 3 classes: class 0 positive in 1 of 4, class 1 in 3 of 3 known (one -1), class 2 never
+    targets = np.array([[1, 1, 0], [0, 1, 0], [0, -1, 0], [0, 1, 0]])
+    classifier = torch.nn.Linear(8, 3)
+    bias = label_prior_init_(classifier, targets)
+    prior = np.array([2 / 6, 4 / 5, 1 / 6])  # one pseudo-count each way
+    assert np.allclose(torch.sigmoid(bias).numpy(), prior) and not classifier.weight.any()
+    logits = classifier(torch.randn(4, 8))  # the same for every input: the prior
+    assert torch.allclose(logits, bias.expand(4, 3))
+    labels, valid = torch.tensor(targets.clip(0, 1), dtype=torch.float32), torch.tensor(targets >= 0)
+    entropy = -((targets == 1) * np.log(prior) + (targets == 0) * np.log(1 - prior))  # (4, 3), 0 where ignored
+    assert abs(masked_bce(logits, labels, valid).item() - entropy.sum() / 4) < 1e-5
 
 
 def test_difficult_only_labels_are_ignored_in_loss_and_evaluation(tiny_voc):

@@ -67,6 +67,10 @@ class ClassifyConfig(FinetuneConfig):
     resize: int = field(256, "short side images are resized to before cropping (aspect kept)")
     crop_scale_min: float = field(0.3, "random-resized crops cover [this, 1] of the resized image's area")
     ten_crop: bool = field(True, "test on 10 crops (corners + centre, and flips) and average; false: centre crop only")
+    classifier_init: str = field("prior", "the new classifier after the rescaling: prior (zero weights, each class's "
+                                          "bias the log prior odds of the training split, so training starts at the "
+                                          "label prior's loss) or rescaled (Krähenbühl et al.'s data-dependent init, "
+                                          "logits of std 1)", choices=("prior", "rescaled"))
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -199,6 +203,25 @@ def eval_targets(voc: VOCDataset) -> np.ndarray:
 # -------------------------------------------------------------------------------------------- training
 
 
+def label_prior_init_(classifier: nn.Linear, targets: np.ndarray) -> torch.Tensor:
+    """Zero `classifier`'s weights and set its bias to each class's log prior odds over `targets` ((N, C) in
+    {1, 0, -1}; -1 is left out), with one pseudo-count each way so a class never seen stays finite.
+
+    Why: the data-dependent init gives the classifier logits of std 1, which costs about twice the prior's loss on
+    the first batches; with the short schedules here, the large first gradients are clipped and shrink every
+    layer's steps, and training spends its first epochs unlearning them. Starting at the prior, the classifier's
+    weights move first and the layers below follow as it finds signal. Returns the bias (C,).
+    """
+    known = targets >= 0
+    positive = ((targets == 1) & known).sum(0)  # (C,)
+    prior = (positive + 1) / (known.sum(0) + 2)  # (C,)
+    bias = torch.as_tensor(np.log(prior / (1 - prior)), dtype=classifier.bias.dtype)
+    with torch.no_grad():
+        classifier.weight.zero_()
+        classifier.bias.copy_(bias)
+    return bias
+
+
 def masked_bce(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Per-class logistic losses summed over the valid (not difficult-only) classes, averaged over images.
 
@@ -259,6 +282,8 @@ def main(cfg: ClassifyConfig) -> dict[str, Any]:
         calib = calibration_batch(train_voc, cfg.calib_images, cfg.input_size, cfg.seed)  # (n, 3, S, S)
         calibration = calibrate_network_(model, trunk, model.new_layers(), lambda: model(calib),
                                          trunk_is_fresh=cfg.init == "random")
+    if cfg.classifier_init == "prior":
+        label_prior_init_(model.new_layers()[-1], eval_targets(train_voc))
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
