@@ -2,10 +2,10 @@
 
 The first column of the paper's Table 2 (VOC2007 classification, Krähenbühl et al.'s protocol): the AlexNet
 trunk (conv1..pool5) from `--init` is kept, fc6/fc7 (ReLU, dropout 0.5) and the classifier are new, and the
-whole net is fine-tuned with a per-class logistic (BCE) loss. Training sees random-resized crops and flips;
-testing averages the sigmoid scores of 10 crops (4 corners + centre, and their mirrors) of each image
-resized to a 256 short side. Reported: per-class AP and mAP with both the VOC2007 11-point and the all-point
-definitions.
+whole net is fine-tuned with a per-class logistic (BCE) loss, the classifier starting at the label prior.
+Training sees whole images (random-resized crops with --crop-scale-min below 1) and flips; testing averages the
+sigmoid scores of 10 crops (4 corners + centre, and their mirrors) of each image resized to a 256 short side.
+Reported: per-class AP and mAP with both the VOC2007 11-point and the all-point definitions.
 
 Every start goes through the same protocol before fine-tuning (transfer.trunk.calibrate_network_:
 Krähenbühl et al.'s data-dependent init of fc6/fc7/fc8, and of the trunk too for the random start, then
@@ -60,12 +60,14 @@ class ClassifyConfig(FinetuneConfig):
 
     epochs: int = field(8, "passes over the training split")
     batch_size: int = field(64, "global training batch size (under torchrun split evenly over the processes)")
-    lr: float = field(0.01, "SGD learning rate for the global batch: linear warm-up from lr/100, then cosine decay to 0")
+    lr: float = field(0.003, "SGD learning rate for the global batch: linear warm-up from lr/100, then cosine decay to 0")
     fc_width: int = field(4096, "width of the new fc6 and fc7 (AlexNet: 4096)")
     dropout: float = field(0.5, "dropout after fc6 and after fc7")
     input_size: int = field(227, "crop size fed to the trunk (227: pool5 is 256x6x6)")
     resize: int = field(256, "short side images are resized to before cropping (aspect kept)")
-    crop_scale_min: float = field(0.3, "random-resized crops cover [this, 1] of the resized image's area")
+    crop_scale_min: float = field(1.0, "random-resized crops cover [this, 1] of the resized image's area (1: the whole "
+                                       "image, flipped at random; smaller crops can leave out the small objects whose "
+                                       "labels the image still carries)")
     ten_crop: bool = field(True, "test on 10 crops (corners + centre, and flips) and average; false: centre crop only")
     classifier_init: str = field("prior", "the new classifier after the rescaling: prior (zero weights, each class's "
                                           "bias the log prior odds of the training split, so training starts at the "
