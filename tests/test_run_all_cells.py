@@ -200,6 +200,18 @@ def test_the_positive_control_passes_only_beyond_two_standard_deviations():
     assert run_all.control_verdict(collapsed, "classify", "mAP_11point") == "NOT DISCRIMINATING: supervised collapsed"
 
 
+def test_the_supervised_control_trains_centred_crops_for_the_budget_then_drawn_ones_up_to_its_factor(tmp_path):
+    for preset, budget in (("quick", 3), ("default", run_all.PretrainConfig.steps)):
+        run = {"preset": run_all.PRESETS[preset], "work": tmp_path, "data": "builtin", "data_cache": ""}
+        control = run_all.pretrain_config(run, "supervised", 0)
+        assert run_all.pretrain_config(run, "ce-l2", 0).steps == budget  # the context encoder's budget
+        assert control.supervised_centred_steps == budget and control.supervised_max_context == 3.0
+        assert control.steps == math.ceil(budget * run_all.CONTROL_STEPS_FACTOR)
+    # a runner's own supervised variant without drawn crops (the learning curve's) keeps its budget
+    centred = run_all.pretrain_config(run, "supervised", 0, overrides={"objective": "supervised"})
+    assert centred.steps == run_all.PretrainConfig.steps and centred.supervised_centred_steps == 0
+
+
 def test_a_frozen_probe_of_a_pretrained_start_runs_one_seed_and_its_control_takes_randoms_spread():
     assert run_all.seeds_of("object_probe", "supervised", [0, 1, 2]) == [0]  # deterministic given the trunk
     assert run_all.seeds_of("object_probe", "random", [0, 1, 2]) == [0, 1, 2]  # the seed draws the trunk
