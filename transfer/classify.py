@@ -214,9 +214,7 @@ def label_prior_init_(classifier: nn.Linear, targets: np.ndarray) -> torch.Tenso
     layer's steps, and training spends its first epochs unlearning them. Starting at the prior, the classifier's
     weights move first and the layers below follow as it finds signal. Returns the bias (C,).
     """
-    known = targets >= 0
-    positive = ((targets == 1) & known).sum(0)  # (C,)
-    prior = (positive + 1) / (known.sum(0) + 2)  # (C,)
+    prior = ((targets == 1).sum(0) + 1) / ((targets >= 0).sum(0) + 2)  # (C,)
     bias = torch.as_tensor(np.log(prior / (1 - prior)), dtype=classifier.bias.dtype)
     with torch.no_grad():
         classifier.weight.zero_()

@@ -28,11 +28,10 @@ from pretrain.data.synthetic import builtin_pretraining_root, builtin_voc_root
 from pretrain.data.voc import OBJECT_CONTEXT, ObjectCrops, VOCDataset, VOCInfo, find_year_dir, read_voc_info, validate_voc_split
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DatasetFormatError", "DatasetNotFoundError", "ImageFolderDataset",
-           "LabelledImageFolder", "LabelledImages", "OBJECT_CONTEXT", "ObjectCrops", "UnreadableImageError", "VOCDataset",
-           "VOCInfo",
-           "builtin_pretraining_root", "builtin_voc_root", "check_images_readable", "find_year_dir", "image_paths",
-           "list_images", "load_rgb", "open_labelled_images", "open_pretraining_images", "read_voc_info",
-           "resolve_voc_root", "skip_none_collate", "validate_voc_split"]
+           "LabelledImageFolder", "LabelledImages", "OBJECT_CONTEXT", "ObjectCrops", "UnreadableImageError",
+           "VOCDataset", "VOCInfo", "builtin_pretraining_root", "builtin_voc_root", "check_images_readable",
+           "find_year_dir", "image_paths", "list_images", "load_rgb", "open_labelled_images",
+           "open_pretraining_images", "read_voc_info", "resolve_voc_root", "skip_none_collate", "validate_voc_split"]
 
 
 def resolve_voc_root(data: str, cache_dir: str | Path | None = None, builtin_images: int = 2000) -> Path:
