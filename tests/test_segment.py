@@ -14,6 +14,8 @@ from transfer.segment import (
     FCNAlexNet,
     SegmentationTransform,
     SegmentConfig,
+    class_pixel_counts,
+    constant_prediction_init_,
     evaluate,
     feature_geometry,
     interp_matrix,
@@ -122,7 +124,9 @@ def test_median_frequency_weights_match_hand_computed_ones():
     # image A: 6 background, 2 class 1, 1 void; image B: 3 background, 1 class 2. Class 3 never appears.
     a = torch.tensor([[0, 0, 0], [0, 0, 0], [1, 1, 255]])
     b = torch.tensor([[0, 0], [0, 2]])
-    weights = median_frequency_weights([a, b], num_classes=4)
+    class_pixels, image_pixels = class_pixel_counts([a, b], num_classes=4)
+    assert class_pixels.tolist() == [9, 2, 1, 0] and image_pixels.tolist() == [12, 8, 4, 0]
+    weights = median_frequency_weights(class_pixels, image_pixels)
     freq = torch.tensor([9 / 12, 2 / 8, 1 / 4])  # class pixels / labelled pixels of the images holding the class
     expected = freq.median() / freq  # median of (0.75, 0.25, 0.25) = 0.25
     assert weights[:3].tolist() == pytest.approx(expected.tolist())
@@ -133,6 +137,26 @@ def test_median_frequency_weights_match_hand_computed_ones():
     target = torch.tensor([[[0, 0], [0, 2]]])
     plain, weighted = segmentation_loss(logits, target), segmentation_loss(logits, target, weights)
     assert weighted > plain
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_constant_prediction_init_is_the_loss_minimising_constant(weighted):
+    # At the prior start the FCN predicts the same distribution at every pixel of any image, and on the training
+    # masks (one batch, every pixel) the loss's gradient on the score bias is zero: no constant does better.
+    torch.manual_seed(0)
+    masks = torch.zeros(3, 40, 48, dtype=torch.long)  # mostly background, three rare classes, some void
+    masks[0, 5:15, 5:20], masks[1, 20:30, 10:18], masks[2, 0:6, 30:48], masks[2, 30:, :4] = 1, 2, 3, 255
+    class_pixels, image_pixels = class_pixel_counts(masks, num_classes=5)  # class 4 never appears
+    weights = median_frequency_weights(class_pixels, image_pixels) if weighted else None
+    model = FCNAlexNet(AlexNetEncoder(), num_classes=5, skip="8s", fc_width=16).eval()
+    bias = constant_prediction_init_(model.score, class_pixels, weights)
+    logits = model(torch.randn(3, 3, 40, 48))  # (3, 5, 40, 48)
+    assert torch.allclose(logits, bias.view(1, -1, 1, 1).expand_as(logits), atol=1e-5)
+    assert bias.exp().sum().item() == pytest.approx(1.0) and bias[4] < bias[:4].min() - 5
+    loss = segmentation_loss(logits, masks, weights)
+    (grad,) = torch.autograd.grad(loss, model.score.bias)
+    assert grad.abs().max() < 1e-5
+    assert loss.item() < segmentation_loss(torch.zeros_like(logits), masks, weights).item()  # beats uniform
 
 
 def test_evaluate_matches_hand_computed_iou():

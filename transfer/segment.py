@@ -103,6 +103,10 @@ class SegmentConfig(FinetuneConfig):
                                                    "background) or none (every pixel counts the same, as FCN)",
                                choices=("median_frequency", "none"))
     threads: int = field(0, "torch CPU threads (0: torch's default, one per core)")
+    classifier_init: str = field("prior", "the score layer after the rescaling: prior (zero weights, the bias of the "
+                                          "constant prediction that minimises the weighted training loss, for every "
+                                          "start) or rescaled (the within-layer init's scores of std 1)",
+                                 choices=("prior", "rescaled"))
     num_predictions: int = field(4, "test images drawn in predictions.png")
 
 
@@ -256,25 +260,52 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, class_weights:
                            ignore_index=IGNORE_INDEX)
 
 
-def median_frequency_weights(masks: Iterable[torch.Tensor], num_classes: int) -> torch.Tensor:
-    """Median-frequency balancing (Eigen & Fergus 2015, as SegNet trains): class c's weight is
-    median(freq) / freq(c), where freq(c) is c's pixels over all labelled pixels of the images c appears in.
-    A class absent from every mask gets weight 0 and takes no part in the median. (K,) float32.
+def class_pixel_counts(masks: Iterable[torch.Tensor], num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class_pixels, image_pixels), both (K,) float64: each class's labelled pixels over `masks` ((H, W) int64,
+    void = 255), and the labelled pixels of the masks that hold the class (the denominator of its frequency)."""
+    class_pixels = torch.zeros(num_classes, dtype=torch.float64)  # (K,)
+    image_pixels = torch.zeros(num_classes, dtype=torch.float64)  # (K,)
+    for mask in masks:
+        counts = torch.bincount(mask[mask != IGNORE_INDEX].flatten(), minlength=num_classes)[:num_classes]
+        class_pixels += counts
+        image_pixels += (counts > 0) * counts.sum()
+    return class_pixels, image_pixels
+
+
+def median_frequency_weights(class_pixels: torch.Tensor, image_pixels: torch.Tensor) -> torch.Tensor:
+    """Median-frequency balancing (Eigen & Fergus 2015, as SegNet trains) from `class_pixel_counts`: class c's
+    weight is median(freq) / freq(c), where freq(c) is c's pixels over all labelled pixels of the images c appears
+    in. A class absent from every mask gets weight 0 and takes no part in the median. (K,) float32.
 
     Without it a short fine-tuning on scenes that are mostly background learns the prior (every pixel
     background) before any start's features can show; with it every start must find the objects.
     """
-    class_pixels = torch.zeros(num_classes, dtype=torch.float64)  # (K,)
-    image_pixels = torch.zeros(num_classes, dtype=torch.float64)  # (K,) labelled pixels of images holding c
-    for mask in masks:  # (H, W) int64, void = 255
-        counts = torch.bincount(mask[mask != IGNORE_INDEX].flatten(), minlength=num_classes)[:num_classes]
-        class_pixels += counts
-        image_pixels += (counts > 0) * counts.sum()
     present = class_pixels > 0
     freq = class_pixels[present] / image_pixels[present]
-    weights = torch.zeros(num_classes, dtype=torch.float64)
+    weights = torch.zeros(len(class_pixels), dtype=torch.float64)
     weights[present] = freq.median() / freq
     return weights.float()
+
+
+def constant_prediction_init_(score: nn.Conv2d, class_pixels: torch.Tensor,
+                              class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Zero the score layer's weights and set its bias to the log of the constant prediction that minimises the
+    (weighted) training loss: p(c) proportional to w(c) x pixels(c), so the loss's gradient on the bias is zero at
+    the start. A class the loss never sees gets a millionth of the mass, so its logit stays finite. Returns the
+    bias (K,).
+
+    Why: the within-layer init gives the scores std 1 per class, a start whose first gradients are spent
+    unlearning it (on the built-in data the first epoch's mean loss is 2.97, above the uniform prediction's
+    ln 13 = 2.56). The bias reaches the output unchanged: skip scores start at zero and every upsampling row
+    sums to one.
+    """
+    mass = class_pixels.double() * (1.0 if class_weights is None else class_weights.double().cpu())  # (K,)
+    mass = mass.clamp_min(1e-6 * mass.sum())
+    bias = torch.log(mass / mass.sum()).to(score.bias.dtype)
+    with torch.no_grad():
+        score.weight.zero_()
+        score.bias.copy_(bias)
+    return bias
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -464,6 +495,16 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
         calib = calibration_batch(raw, n=cfg.calib_images, seed=cfg.seed)  # (n, 3, 227, 227)
         calibration = calibrate_network_(model, trunk, model.new_layers(), lambda: model(calib, 4),
                                          trunk_is_fresh=cfg.init == "random")
+    # the training masks as stored (`target` decodes no image and applies no augmentation)
+    class_pixels, image_pixels = class_pixel_counts((train_set.target(i) for i in range(len(train_set))), num_classes)
+    class_weights = None
+    if cfg.class_weights == "median_frequency":
+        class_weights = median_frequency_weights(class_pixels, image_pixels)
+        print0("class weights (median frequency): " + ", ".join(f"{c} {w:.2f}" for c, w in zip(classes, class_weights)))
+    if cfg.classifier_init == "prior":
+        constant_prediction_init_(model.score, class_pixels, class_weights)
+    if class_weights is not None:
+        class_weights = class_weights.to(device)
     model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -488,13 +529,6 @@ def main(cfg: SegmentConfig) -> dict[str, Any]:
     def set_epoch(epoch: int) -> None:
         if sampler is not None:
             sampler.set_epoch(epoch)
-
-    class_weights = None
-    if cfg.class_weights == "median_frequency":
-        # the training masks as stored (`target` decodes no image and applies no augmentation)
-        class_weights = median_frequency_weights((train_set.target(i) for i in range(len(train_set))), num_classes)
-        print0("class weights (median frequency): " + ", ".join(f"{c} {w:.2f}" for c, w in zip(classes, class_weights)))
-        class_weights = class_weights.to(device)
 
     def loss_fn(m: nn.Module, batch: tuple, dev: torch.device) -> torch.Tensor | None:
         return segmentation_step_loss(m, batch, dev, cfg.loss_stride, class_weights)
