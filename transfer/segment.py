@@ -17,9 +17,10 @@ Model (Long et al. 2015, FCN-32s/16s/8s on AlexNet):
 Training: the engine's SGD recipe (transfer.engine, the same for every start), random scale + crop + flip,
 cross-entropy with 255 ignored. Before it, every start goes through the rescaling protocol
 (transfer.trunk.calibrate_network_), after which the score layer starts at the constant prediction that
-minimises the training loss (`constant_prediction_init_`). The loss is taken on every 4th pixel (`--loss-stride`, 1 = every
-pixel): the logits are a fixed bilinear interpolation of the stride-8..32 scores, so denser samples add
-little gradient but cost ~30% of a step on a CPU. Evaluation is always at every pixel of the label.
+minimises the training loss (`constant_prediction_init_`). The loss is taken on every 4th pixel
+(`--loss-stride`, 1 = every pixel): the logits are a fixed bilinear interpolation of the stride-8..32
+scores, so denser samples add little gradient but cost ~30% of a step on a CPU. Evaluation is always at
+every pixel of the label.
 
 torchvision's `segmentation.fcn.FCNHead` (3x3 conv to in/4 = 64 channels + BatchNorm + 1x1) and its `FCN`
 wrapper (one head, one bilinear resize, no skips) are the DeepLab-style head of FCN-ResNet, not the paper's
