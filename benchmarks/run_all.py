@@ -1,7 +1,6 @@
 """Run every (start x task x seed) comparison and collect pandas tables and plots in results/.
 
-    python benchmarks/run_all.py                       # the default preset: Table 2's starts, 2 seeds (no retrieval,
-                                                       # no whole-image probe)
+    python benchmarks/run_all.py                       # the default preset: Table 2's starts, 2 seeds (no retrieval)
     python benchmarks/run_all.py --preset full         # every variant and task, 3 seeds
     python benchmarks/run_all.py --quick               # a small preset (< 5 min), used by a test
     python benchmarks/run_all.py --data ../shared/data/camvid-voc --out results/camvid
@@ -100,10 +99,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "default": {  # Table 2's starts: context encoder (paper's recipe), autoencoder, supervised, random with and without
         "variants": ["ce-l2", "autoencoder", "supervised"], "seeds": 2,
-        # Left out (`--preset full` or --only adds them): retrieval (deterministic, Table 1's measure, not Table 2's)
-        # and the whole-image probe (a tenth of the run), whose positive control failed at every layer with a control
-        # trained on centred crops alone (results/probes.md); the object probe is the per-layer probe kept here.
-        "tasks": ["classify", "object_probe", "detect", "segment", "colour_histogram"],
+        # Left out (`--preset full` or --only adds it): retrieval (deterministic, Table 1's measure, not Table 2's).
+        "tasks": ["classify", "probe", "object_probe", "detect", "segment", "colour_histogram"],
         "data": {},
         "pretrain": {},  # the default `python -m pretrain` budget (380 steps)
         "classify": {"fc_width": 1024, "ten_crop": False},  # the task's 8 epochs; centre crop: a tenth of the test cost
@@ -681,7 +678,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--work", default="", help="folder for checkpoints and task outputs (default runs/benchmark/<out>)")
     parser.add_argument("--preset", default="default", choices=list(PRESETS),
                         help="default: the context encoder, autoencoder and supervised starts plus the random baselines, "
-                             "2 seeds, every task but retrieval and the whole-image probe; full: every variant and "
+                             "2 seeds, every task but retrieval; full: every variant and "
                              "task, 3 seeds, the same recipes; quick: tiny budgets, for smoke tests")
     parser.add_argument("--quick", action="store_true", help="the same as --preset quick")
     parser.add_argument("--seeds", type=int, default=0, help="seeds per (start, task) (default: the preset's)")
