@@ -81,12 +81,15 @@ BASELINES: dict[str, dict[str, Any]] = {
     "random-raw": {"init": "random", "rescale": False},  # "random, no rescaling"
 }
 
-# Presets: which variants and how many seeds by default, and each command's config overrides (the recipes).
-# The recipes are the same in "default" and "full"; "full" only adds variants and seeds. results/summary.md gives
-# the measured minutes per task.
+# Presets: which variants and how many seeds by default, each command's config overrides (the recipes), and the
+# precision every cell computes in (`amp`, applied to pretraining and every task). The recipes are the same in
+# "default" and "full"; "full" only adds variants and seeds. results/summary.md gives the measured minutes per task.
+# fp32 by default: bf16 changes the numbers a little and only some machines have it, so a table computed in fp32
+# holds the same cells whichever machine computed them, and a run interrupted on one machine goes on on another
+# (`--amp auto` is faster on a bf16 CPU or a GPU, in cells of its own).
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
-        "variants": ["ce-l2", "autoencoder", "supervised"], "seeds": 1, "tasks": "all",
+        "variants": ["ce-l2", "autoencoder", "supervised"], "seeds": 1, "tasks": "all", "amp": "none",
         "data": {"builtin_images": 60},
         "pretrain": {"steps": 3, "batch_size": 8, "workers": 0, "eval_images": 8, "ckpt_every": 3},
         "classify": {"epochs": 1, "batch_size": 16, "fc_width": 128, "ten_crop": False, "workers": 0},
@@ -98,7 +101,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "retrieve": {"queries": 8, "gallery": 2, "max_images": 40},
     },
     "default": {  # Table 2's starts: context encoder (paper's recipe), autoencoder, supervised, random with and without
-        "variants": ["ce-l2", "autoencoder", "supervised"], "seeds": 2,
+        "variants": ["ce-l2", "autoencoder", "supervised"], "seeds": 2, "amp": "none",
         # Left out (`--preset full` or --only adds it): retrieval (deterministic, Table 1's measure, not Table 2's).
         "tasks": ["classify", "probe", "object_probe", "detect", "segment", "colour_histogram"],
         "data": {},
@@ -201,7 +204,8 @@ def task_config(run: dict[str, Any], task: str, start: str, init: str, seed: int
     """The task's config for one cell: the preset's overrides, this cell's start (and a baseline's own options),
     seed and output folder."""
     cls = TASKS[task][0]
-    fields = {**run["preset"].get(task, {}), **BASELINES.get(start, {}), "init": init, "seed": seed, "out": str(out),
+    fields = {"amp": run["preset"]["amp"], **run["preset"].get(task, {}), **BASELINES.get(start, {}), "init": init,
+              "seed": seed, "out": str(out),
               "data": run["data"], "data_cache": run["data_cache"], **run["preset"]["data"]}
     return cls(**{k: v for k, v in fields.items() if k in cls.__dataclass_fields__})
 
@@ -210,7 +214,8 @@ def pretrain_config(run: dict[str, Any], variant: str, seed: int,
                     overrides: dict[str, Any] | None = None) -> PretrainConfig:
     """The pretraining of `variant` with `seed` under the run's preset; `overrides` replaces VARIANTS[variant] for a
     runner with pretraining variants of its own (benchmarks/learning_curve.py)."""
-    fields = {**run["preset"]["pretrain"], **(VARIANTS[variant] if overrides is None else overrides), **run["preset"]["data"]}
+    fields = {"amp": run["preset"]["amp"], **run["preset"]["pretrain"],
+              **(VARIANTS[variant] if overrides is None else overrides), **run["preset"]["data"]}
     if fields.get("objective") == "supervised" and fields.get("supervised_max_context", OBJECT_CONTEXT) > OBJECT_CONTEXT:
         budget = fields.get("steps", PretrainConfig.steps)  # the preset's budget, or the pretraining default
         fields = {**fields, "supervised_centred_steps": budget, "steps": math.ceil(budget * CONTROL_STEPS_FACTOR)}
@@ -681,6 +686,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "2 seeds, every task but retrieval; full: every variant and "
                              "task, 3 seeds, the same recipes; quick: tiny budgets, for smoke tests")
     parser.add_argument("--quick", action="store_true", help="the same as --preset quick")
+    parser.add_argument("--amp", choices=("none", "auto", "bf16"),
+                        help="precision of every cell (default: the preset's, none = fp32, the same on every machine); "
+                             "auto: bf16 where the CPU or GPU has it, faster, in cells of their own")
     parser.add_argument("--seeds", type=int, default=0, help="seeds per (start, task) (default: the preset's)")
     parser.add_argument("--only", nargs="*", default=[], help="variants=.. tasks=.. seeds=.. starts=.. filters")
     parser.add_argument("--torchvision", default="", help="a local torchvision AlexNet state dict: adds that start")
@@ -695,7 +703,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     preset_name = args.preset = "quick" if args.quick else args.preset
-    preset = PRESETS[preset_name]
+    preset = {**PRESETS[preset_name], "amp": args.amp or PRESETS[preset_name]["amp"]}
     args.seeds = args.seeds or preset["seeds"]
     only = parse_only(args.only)
     unknown = [v for v in only.get("variants", []) if v not in VARIANTS]

@@ -48,7 +48,8 @@ class Bench:
         monkeypatch.setattr(run_all, "TASK_SOURCES", {"classify": (str(self.code),), "pretrain": (str(self.code),)})
         monkeypatch.setattr(run_all, "VARIANTS", {"ce-fake": {"mask": "center", "lambda_adv": 0.0}})
         monkeypatch.setattr(run_all, "pretrain_main", self.pretrain_main)
-        monkeypatch.setitem(run_all.PRESETS, "quick", {"variants": ["ce-fake"], "seeds": 1, "data": {}, "pretrain": {"steps": 3},
+        monkeypatch.setitem(run_all.PRESETS, "quick", {"variants": ["ce-fake"], "seeds": 1, "amp": "none", "data": {},
+                                                     "pretrain": {"steps": 3},
                                                      "classify": {"lr": 0.1}})
         self.out = tmp_path / "results"
 
@@ -210,6 +211,21 @@ def test_the_supervised_control_trains_centred_crops_for_the_budget_then_drawn_o
     # a runner's own supervised variant without drawn crops (the learning curve's) keeps its budget
     centred = run_all.pretrain_config(run, "supervised", 0, overrides={"objective": "supervised"})
     assert centred.steps == run_all.PretrainConfig.steps and centred.supervised_centred_steps == 0
+
+
+def test_cells_are_fp32_by_default_so_every_machine_computes_the_same_cell(tmp_path, monkeypatch):
+    run = {"preset": run_all.PRESETS["default"], "work": tmp_path, "data": "builtin", "data_cache": ""}
+    auto = {**run, "preset": {**run["preset"], "amp": "auto"}}  # `--amp auto`
+    fp32, by_machine = {}, {}
+    for machine in ("none", "bf16"):  # what `auto` picks on an AVX2-only CPU and on a bf16 CPU or GPU
+        monkeypatch.setattr(run_all, "resolve_amp", lambda amp, device, m=machine: m if amp == "auto" else amp)
+        cfg = run_all.task_config(run, "classify", "random", "random", 0, tmp_path)
+        assert cfg.amp == "none" and run_all.pretrain_config(run, "ce-l2", 0).amp == "none"
+        fp32[machine] = run_all.cell_identity("classify", cfg)["config_hash"]
+        cfg = run_all.task_config(auto, "classify", "random", "random", 0, tmp_path)
+        by_machine[machine] = run_all.cell_identity("classify", cfg)["config_hash"]
+    assert fp32["none"] == fp32["bf16"]  # a cell computed on either machine is the other's too
+    assert by_machine["none"] == fp32["none"] != by_machine["bf16"]  # bf16 cells are cells of their own
 
 
 def test_a_frozen_probe_of_a_pretrained_start_runs_one_seed_and_its_control_takes_randoms_spread():
