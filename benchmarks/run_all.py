@@ -201,12 +201,12 @@ def read_task_result(path: Path) -> tuple[str, dict[str, float], dict[str, Any]]
 
 
 def task_config(run: dict[str, Any], task: str, start: str, init: str, seed: int, out: Path) -> Any:
-    """The task's config for one cell: the preset's overrides, this cell's start (and a baseline's own options),
-    seed and output folder."""
+    """The task's config for one cell: the preset's precision and overrides, this cell's start (and a baseline's
+    own options), seed and output folder."""
     cls = TASKS[task][0]
     fields = {"amp": run["preset"]["amp"], **run["preset"].get(task, {}), **BASELINES.get(start, {}), "init": init,
-              "seed": seed, "out": str(out),
-              "data": run["data"], "data_cache": run["data_cache"], **run["preset"]["data"]}
+              "seed": seed, "out": str(out), "data": run["data"], "data_cache": run["data_cache"],
+              **run["preset"]["data"]}
     return cls(**{k: v for k, v in fields.items() if k in cls.__dataclass_fields__})
 
 
