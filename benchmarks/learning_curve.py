@@ -464,8 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--classify-epochs", type=int, default=0,
                         help="fine-tuning epochs of the classification task (0: the preset's recipe)")
     parser.add_argument("--preset", default="default", choices=["default", "quick"],
-                        help="run_all's preset whose data, pretraining batch and probe and classification recipes are "
-                             "used: default (Table 2's recipes) or quick (tiny budgets, for tests)")
+                        help="run_all's preset whose data, precision (fp32), pretraining batch and probe and classification "
+                             "recipes are used: default (Table 2's recipes) or quick (tiny budgets, for tests)")
     parser.add_argument("--quick", action="store_true",
                         help="the same as --preset quick: rungs 0,2,4, 60 built-in images, batches of 8, tiny probe and "
                              "classification budgets")
