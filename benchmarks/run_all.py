@@ -796,18 +796,21 @@ def preset_tasks(preset: dict[str, Any]) -> list[str]:
 
 
 def compute_by_task(cells: list[dict[str, Any]], seeds: int, n_variants: int, tasks: list[str]) -> list[str]:
-    """Measured minutes per task, and what a run of the preset's cells (its variants, `tasks` and `seeds`) from
-    scratch costs at those rates."""
-    lines = ["## Compute", "", "| task | cells timed | minutes | minutes per cell | cells in a full run | "
-             "full run, minutes (estimate) |", "|---|--:|--:|--:|--:|--:|"]
+    """Measured minutes per task of the current (not stale) cells, and what a run of the preset's cells (its
+    variants, `tasks` and `seeds`) from scratch costs at those rates."""
+    lines = ["## Compute", "", "Current (not stale) cells only.", "",
+             "| task | cells timed | minutes | minutes per cell | cells in a full run | full run, minutes (estimate) |",
+             "|---|--:|--:|--:|--:|--:|"]
     n_starts = n_variants + len(BASELINES)
     full_cells = {"pretrain": n_variants, "retrieve": n_starts + 1,  # retrieval: one seed, plus HOG
                   **{task: 1 for task in STARTLESS_TASKS},
                   **{task: n_variants + len(BASELINES) * seeds for task in FROZEN_TASKS}}  # runs_one_seed
     total_estimate = 0.0
     for task in ["pretrain", *tasks]:
-        # the median, so a cell that only re-evaluated a reused pretraining run does not skew the rate
-        secs = [c["seconds"] for c in cells if c["task"] == task and c["status"] in RESULT_STATUSES and "seconds" in c]
+        # the median, so a cell that only re-evaluated a reused pretraining run does not skew the rate; stale cells
+        # left out, since other code or precision (often on another machine) ran at other rates
+        secs = [c["seconds"] for c in cells if c["task"] == task and c["status"] in RESULT_STATUSES and "seconds" in c
+                and not c["stale"]]
         if not secs:
             continue
         per_cell = float(np.median(secs)) / 60
@@ -815,8 +818,8 @@ def compute_by_task(cells: list[dict[str, Any]], seeds: int, n_variants: int, ta
         total_estimate += per_cell * n_full
         lines.append(f"| {task} | {len(secs)} | {sum(secs) / 60:.1f} | {per_cell:.1f} | {n_full} | {per_cell * n_full:.0f} |")
     lines += ["", f"A run of every cell from scratch ({n_variants} variants, {len(BASELINES)} baselines, {seeds} "
-              f"seeds; tasks {', '.join(tasks)}) would take about **{total_estimate:.0f} min** on this machine at the "
-              f"median rates above."]
+              f"seeds; tasks {', '.join(tasks)}) would take about **{total_estimate:.0f} min** at the "
+              f"median rates above (on the machine that computed those cells)."]
     return lines
 
 
